@@ -1,0 +1,311 @@
+"""Checkpoints: safe reading of official nnU-Net v1 files, conversion to MONAI form, safetensors folders, strict loading.
+
+A converted folder holds ``model.safetensors`` (tensors in MONAI axis order, metadata naming the architecture and the
+source file's sha256) and ``config.json`` (the same architecture, readable without torch). Official checkpoints are
+read with ``torch.load(weights_only=True)`` and an allow-list of the numpy globals nnU-Net's training state needs;
+anything else in the pickle is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .errors import IncompatibleCheckpointError, UnisegHubError, UnsafeCheckpointError
+from .network import UniSeg, UniSegBackbone
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+ARCHITECTURES = {"UniSeg": UniSeg, "UniSegBackbone": UniSegBackbone}
+
+# numpy globals that nnU-Net v1's training state (plot_stuff, best_stuff: numpy scalars) needs; both the numpy 1
+# (``numpy.core``) and numpy 2 (``numpy._core``) spellings, since the official file was written with numpy 1.
+_SCALAR = np._core.multiarray.scalar
+_DTYPE_CLASSES = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+SAFE_GLOBALS = [_SCALAR, (_SCALAR, "numpy.core.multiarray.scalar"), np.dtype, *_DTYPE_CLASSES]
+
+# official key -> our key, applied after "instnorm" became "adn.N" (MONAI's Convolution names its norm ADN.N)
+_KEY_RULES = [
+    (r"intermedia_prompt", r"prompt.universal"),
+    (r"fusion_layer\.blocks\.(\d+)\.(conv|adn\.N)\.(weight|bias)", r"prompt.fusion.\1.\2.\3"),
+    (r"conv_blocks_context\.0\.blocks\.0\.conv_(\d+)\.(weight|bias)", r"encoder.stages.0.0.convs.\1.\2"),
+    (r"conv_blocks_context\.0\.blocks\.0\.adn\.N\.(weight|bias)", r"encoder.stages.0.0.norm.\1"),
+    (r"conv_blocks_context\.(\d+)\.blocks\.(\d+)\.(conv|adn\.N)\.(weight|bias)", r"encoder.stages.\1.\2.\3.\4"),
+    (r"conv_blocks_context\.(\d+)\.(\d+)\.blocks\.0\.(conv|adn\.N)\.(weight|bias)", r"encoder.stages.\1.\2.\3.\4"),
+    (r"conv_blocks_localization\.(\d+)\.(\d+)\.blocks\.0\.(conv|adn\.N)\.(weight|bias)",
+     r"decoder.blocks.\1.\2.\3.\4"),
+    (r"tu\.(\d+)\.weight", r"decoder.upsamples.\1.weight"),
+    (r"seg_outputs(?:_down)?\.(\d+)\.weight", r"decoder.heads.\1.weight"),
+]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of an official UniSeg/nnU-Net v1 ``.model`` file, read without executing pickled code.
+
+    Raises ``UnsafeCheckpointError`` when the pickle needs any global outside ``SAFE_GLOBALS``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnisegHubError(f"checkpoint {path} does not exist; pass the official .model file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it needs {', '.join(found) or 'objects'} outside the allow-list of a UniSeg "
+            "checkpoint, which could run code when unpickled; convert only files from a source you trust, and "
+            "report the file if it is the official one"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UnisegHubError(f"cannot read {path} as a PyTorch checkpoint ({e}); is the file complete?") from e
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise IncompatibleCheckpointError(f"{path} holds no state_dict of tensors; is it an nnU-Net .model file?")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def official_key(key: str) -> str | None:
+    """Our name for an official state-dict key, or None when no rule maps it."""
+    key = key.replace(".instnorm.", ".adn.N.")
+    for pattern, replacement in _KEY_RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def _reverse_axes(t: torch.Tensor) -> torch.Tensor:
+    """(z, y, x) -> (x, y, z) on the last three axes of 5-D tensors (conv kernels, the prompt)."""
+    return t.permute(0, 1, 4, 3, 2).contiguous() if t.ndim == 5 else t
+
+
+def _require(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in state:
+        raise IncompatibleCheckpointError(f"the checkpoint has no tensor {key!r}; it is not a UniSeg checkpoint")
+    return state[key]
+
+
+def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict:
+    """Architecture of an official state dict, read from tensor shapes: ``{"architecture", "config"}``.
+
+    Works for any task count, head width, features per stage and stem set; the patch size comes from the prompt.
+    Downstream checkpoints (no prompt, heads ``seg_outputs_down``) give a ``UniSegBackbone``.
+    """
+    stems = sorted(int(m.group(1)) for k in state
+                   if (m := re.fullmatch(r"conv_blocks_context\.0\.blocks\.0\.conv_(\d+)\.weight", k)))
+    if not stems:
+        raise IncompatibleCheckpointError(
+            "the checkpoint has no input stems (conv_blocks_context.0.blocks.0.conv_N.weight); "
+            "it is not a UniSeg checkpoint"
+        )
+    num_stages = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("conv_blocks_context."))
+    first_convs = [_require(state, f"conv_blocks_context.0.blocks.0.conv_{stems[0]}.weight")]
+    for s in range(1, num_stages):
+        key = f"conv_blocks_context.{s}.blocks.0.conv.weight"
+        first_convs.append(state[key] if key in state else _require(state, f"conv_blocks_context.{s}.0.blocks.0.conv.weight"))
+    features = [int(w.shape[0]) for w in first_convs]
+    kernel_sizes = [list(w.shape[2:][::-1]) for w in first_convs]
+    strides = [[1, 1, 1]] + [list(_require(state, f"tu.{num_stages - 1 - s}.weight").shape[2:][::-1])
+                             for s in range(1, num_stages)]
+    common = {"in_channels": stems, "features": features, "kernel_sizes": kernel_sizes, "strides": strides}
+    if "intermedia_prompt" not in state:
+        heads = _require(state, "seg_outputs_down.0.weight")
+        return {"architecture": "UniSegBackbone", "config": {"num_classes": int(heads.shape[0]), **common}}
+    prompt = state["intermedia_prompt"]
+    stride = [int(np.prod([s[a] for s in strides])) for a in range(3)]
+    patch = [int(n) * s for n, s in zip(prompt.shape[2:][::-1], stride)]
+    heads = _require(state, "seg_outputs.0.weight")
+    return {"architecture": "UniSeg", "config": {
+        **common, "num_tasks": int(prompt.shape[1]), "head_channels": int(heads.shape[0]), "patch_size": patch}}
+
+
+def build_network(architecture: Mapping) -> nn.Module:
+    """Instantiate the network described by ``{"architecture": name, "config": kwargs}`` (random weights)."""
+    name = architecture.get("architecture")
+    if name not in ARCHITECTURES:
+        raise IncompatibleCheckpointError(
+            f"unknown architecture {name!r}; uniseg-hub {__version__} builds {', '.join(ARCHITECTURES)}"
+        )
+    try:
+        return ARCHITECTURES[name](**architecture["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise IncompatibleCheckpointError(f"invalid {name} configuration {architecture.get('config')}: {e}") from e
+
+
+def _listing(keys: Iterable, limit: int = 10) -> str:
+    keys = list(keys)
+    shown = ", ".join(str(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+@dataclass
+class LoadReport:
+    """What a load did: tensors loaded, adapted (with how), skipped from the checkpoint, newly initialised."""
+
+    loaded: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        if self.adapted:
+            parts.append("adapted " + "; ".join(f"{k} ({how})" for k, how in self.adapted.items()))
+        if self.skipped:
+            parts.append(f"skipped {len(self.skipped)} ({_listing(self.skipped, 4)})")
+        if self.initialised:
+            parts.append(f"newly initialised {len(self.initialised)} ({_listing(self.initialised, 4)})")
+        return ", ".join(parts)
+
+
+def load_checked(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    may_skip: Iterable[str] = (),
+    may_initialise: Iterable[str] = (),
+    source: str = "checkpoint",
+) -> LoadReport:
+    """Strict ``load_state_dict`` with an explicit allow-list.
+
+    ``may_skip`` are glob patterns of checkpoint tensors the module need not take, ``may_initialise`` patterns of
+    module tensors the checkpoint need not provide (they keep their fresh initialisation). Anything else missing,
+    unexpected or misshaped raises ``IncompatibleCheckpointError`` naming the tensors.
+    """
+    own = module.state_dict()
+    skip_ok = list(may_skip)
+    init_ok = list(may_initialise)
+    matches = lambda key, patterns: any(fnmatch.fnmatchcase(key, p) for p in patterns)  # noqa: E731
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    bad_missing = [k for k in missing if not matches(k, init_ok)]
+    bad_unexpected = [k for k in unexpected if not matches(k, skip_ok)]
+    problems = []
+    if bad_missing:
+        problems.append(f"missing {len(bad_missing)} tensors: {_listing(bad_missing)}")
+    if bad_unexpected:
+        problems.append(f"unexpected {len(bad_unexpected)} tensors: {_listing(bad_unexpected)}")
+    if misshaped:
+        problems.append(f"{len(misshaped)} tensors with the wrong shape (checkpoint != model): {_listing(misshaped)}")
+    if problems:
+        raise IncompatibleCheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
+    result = module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    assert set(result.missing_keys) == set(missing) and not result.unexpected_keys
+    return LoadReport(loaded=[k for k in own if k in state], skipped=unexpected, initialised=missing)
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Official state dict -> (our state dict in MONAI axis order, architecture), checked against the network."""
+    architecture = infer_architecture(state)
+    unmapped = [k for k in state if official_key(k) is None]
+    if unmapped:
+        raise IncompatibleCheckpointError(f"the checkpoint has {len(unmapped)} unknown tensors: {_listing(unmapped)}")
+    converted = {official_key(k): _reverse_axes(v.detach().to(torch.float32)) for k, v in state.items()}
+    load_checked(build_network(architecture), converted, source="the official checkpoint")
+    return converted, architecture
+
+
+def dumps_config(config: Mapping) -> str:
+    """JSON with one key per line but lists of numbers kept on one line, so configs stay readable."""
+    text = json.dumps(config, indent=2)
+    return re.sub(r"\[[\d\s,.\-\[\]]*\]", lambda m: json.dumps(json.loads(m.group(0))), text) + "\n"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename, so no partial file is ever visible."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_folder(
+    out_dir: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    architecture: Mapping,
+    *,
+    source: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` atomically; returns the folder."""
+    out = Path(out_dir)
+    targets = [out / WEIGHTS_FILE, out / CONFIG_FILE]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise UnisegHubError(f"{', '.join(existing)} already exists; choose another folder or pass overwrite=True")
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"format_version": FORMAT_VERSION, **architecture, "axis_order": "MONAI (C, x, y, z)",
+              "weights": WEIGHTS_FILE, "source": dict(source or {}), "uniseg_hub_version": __version__}
+    metadata = {"format": "pt", "uniseg_hub.format_version": str(FORMAT_VERSION),
+                "uniseg_hub.architecture": json.dumps({k: architecture[k] for k in ("architecture", "config")}),
+                "uniseg_hub.source": json.dumps(dict(source or {})), "uniseg_hub.version": __version__}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    _atomic_write(targets[0], lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(targets[1], lambda tmp: Path(tmp).write_text(dumps_config(config)))
+    return out
+
+
+def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Convert an official UniSeg ``.model`` file into a folder that ``load_model`` and ``load_encoder`` read."""
+    state, architecture = convert_state_dict(read_official_checkpoint(src))
+    source = {"file": Path(src).name, "sha256": sha256_file(src), "format": "nnU-Net v1 .model (state_dict)"}
+    return save_folder(out_dir, state, architecture, source=source, overwrite=overwrite)
+
+
+def read_folder(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a converted folder, or of a lone ``.safetensors`` file (config from its metadata)."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise UnisegHubError(
+            f"{path} holds no {WEIGHTS_FILE}; pass a folder written by `uniseg-hub convert` or a .safetensors file"
+        )
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError
+        raise IncompatibleCheckpointError(f"{weights} is not a readable safetensors file ({e})") from e
+    config_file = weights.parent / CONFIG_FILE
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+    elif "uniseg_hub.architecture" in metadata:
+        config = json.loads(metadata["uniseg_hub.architecture"])
+    else:
+        raise IncompatibleCheckpointError(f"{weights} has no {CONFIG_FILE} beside it and no architecture metadata")
+    if config.get("architecture") not in ARCHITECTURES or not isinstance(config.get("config"), dict):
+        raise IncompatibleCheckpointError(f"{config_file} does not describe a UniSeg architecture")
+    return config, state
