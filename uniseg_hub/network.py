@@ -372,9 +372,12 @@ class UniSeg(nn.Module):
 
     def decode(self, skips: Sequence[torch.Tensor], task=None) -> torch.Tensor | list[torch.Tensor]:
         """Prompt the bottleneck for ``task`` and run the decoder (see the class docstring for outputs)."""
+        return self.decode_ids(skips, self.task_ids(task, skips[-1].shape[0], skips[-1].device))
+
+    def decode_ids(self, skips: Sequence[torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``decode`` with a (B,) LongTensor of valid ids and no checks (traceable, e.g. for ONNX export)."""
         bottleneck = skips[-1]
-        ids = self.task_ids(task, bottleneck.shape[0], bottleneck.device)
-        prompted = torch.cat([bottleneck, self.prompt(bottleneck, ids)], 1)
+        prompted = torch.cat([bottleneck, self.prompt(bottleneck, task_ids)], 1)
         return self.decoder([*skips[:-1], prompted])
 
     def forward(self, x: torch.Tensor, task=None) -> torch.Tensor | list[torch.Tensor]:

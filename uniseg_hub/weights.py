@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from .errors import IncompatibleCheckpointError, UnisegHubError, UnsafeCheckpointError
+from .files import atomic_path, write_text_atomic
 from .network import UniSeg, UniSegBackbone
 
 WEIGHTS_FILE = "model.safetensors"
@@ -238,20 +238,6 @@ def dumps_config(config: Mapping) -> str:
     return re.sub(r"\[[\d\s,.\-\[\]]*\]", lambda m: json.dumps(json.loads(m.group(0))), text) + "\n"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename, so no partial file is ever visible."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_folder(
     out_dir: str | os.PathLike,
     state: Mapping[str, torch.Tensor],
@@ -273,8 +259,9 @@ def save_folder(
                 "uniseg_hub.architecture": json.dumps({k: architecture[k] for k in ("architecture", "config")}),
                 "uniseg_hub.source": json.dumps(dict(source or {})), "uniseg_hub.version": __version__}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    _atomic_write(targets[0], lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(targets[1], lambda tmp: Path(tmp).write_text(dumps_config(config)))
+    with atomic_path(targets[0]) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    write_text_atomic(targets[1], dumps_config(config))
     return out
 
 

@@ -1,0 +1,100 @@
+"""Real sample scans for the demo, tests and benchmarks, fetched from PyPI and pinned by sha256.
+
+The TotalSegmentator source distribution on PyPI (Apache-2.0 package; the images come from the TotalSegmentator
+dataset, Zenodo 10.5281/zenodo.6802613) carries small real CT and MR volumes with label maps. ``pip download``
+fetches it (any PyPI mirror pip is configured for works); the files are checked against the sha256 sums below
+and cached. Labels are TotalSegmentator predictions, not manual ground truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import UnisegHubError
+from .files import atomic_path
+
+SDIST = "totalsegmentator==2.18.0"
+SDIST_FILE = "totalsegmentator-2.18.0.tar.gz"
+SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
+PREFIX = "totalsegmentator-2.18.0/tests/reference_files/"
+
+SAMPLES = {
+    # name: (path inside the sdist, sha256, description)
+    "ct_small": ("example_ct_sm.nii.gz", "e50c00b2914e2cac0aaee8e7f3b5f57d44d9f21bfd5c0577271c54c0cb49e9fb",
+                 "CT, upper abdomen, 122x101x30 at 3 mm"),
+    "ct_small_seg": ("example_seg.nii.gz", "8be652475a4aaae83103a66bfb3345314b1fc06742807a06cf5005f7a7913a2d",
+                     "TotalSegmentator 'total' labels of ct_small"),
+    "mr_small": ("example_mr_sm.nii.gz", "209b46efaff595dd54a9332872e17a722b62654bbb68dbd89acd5090701bbd4f",
+                 "MR, abdomen, 117x91x20 at 3 mm"),
+    "mr_small_seg": ("example_seg_mr.nii.gz", "e73a5ee12962aa2bb2f3e43ab58dfc67990c5a7ef2dcb426a1bf5e5982b9587f",
+                     "TotalSegmentator 'total_mr' labels of mr_small"),
+    "ct": ("example_ct.nii.gz", "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
+           "CT, thorax to pelvis, 122x101x112 at 3 mm"),
+    "ct_torso_1.5mm": ("aorta_report/example_ct.nii.gz",
+                       "372d98723e3283a8d4a0ae2f0ef1e581c0ad17b673b30b2e8d3e215180cc2a12",
+                       "CT torso, 233x167x191 at 1.5 mm"),
+}
+
+
+class SampleDataError(UnisegHubError):
+    """The sample data could not be fetched or failed verification."""
+
+
+def cache_dir() -> Path:
+    """``$UNISEG_HUB_DATA`` or ``~/.cache/uniseg-hub/sample-data``."""
+    return Path(os.environ.get("UNISEG_HUB_DATA", Path.home() / ".cache" / "uniseg-hub" / "sample-data"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_sdist(folder: Path) -> Path:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", SDIST,
+               "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        archive = Path(tmp) / SDIST_FILE
+        if result.returncode or not archive.is_file():
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SampleDataError(f"could not download {SDIST} from PyPI ({tail}); check the network or pip's index "
+                                  "settings, or put the sample files in $UNISEG_HUB_DATA")
+        if _sha256(archive) != SDIST_SHA256:
+            raise SampleDataError(f"{SDIST_FILE} from PyPI does not match its pinned sha256; refusing to use it")
+        target = folder / SDIST_FILE
+        os.replace(archive, target)
+        return target
+
+
+def fetch_sample(name: str) -> Path:
+    """Path of a verified sample scan (see ``SAMPLES``), downloading and caching it on first use."""
+    if name not in SAMPLES:
+        raise SampleDataError(f"unknown sample {name!r}; the samples are: {', '.join(SAMPLES)}")
+    member, sha256, _ = SAMPLES[name]
+    folder = cache_dir()
+    path = folder / member
+    if path.is_file() and _sha256(path) == sha256:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / SDIST_FILE
+    if not archive.is_file() or _sha256(archive) != SDIST_SHA256:
+        archive = _download_sdist(folder)
+    with tarfile.open(archive) as tar:
+        data = tar.extractfile(PREFIX + member)
+        if data is None:
+            raise SampleDataError(f"{member} is missing from {SDIST_FILE}")
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data.read())
+            if _sha256(Path(tmp)) != sha256:
+                raise SampleDataError(f"{member} does not match its pinned sha256; the cached archive may be damaged")
+    return path
