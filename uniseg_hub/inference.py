@@ -123,10 +123,21 @@ class TaskPredictor(nn.Module):
         return total[:, : self.out_channels] if self.crop else total
 
 
+def _check_dicom_folder(path: str) -> None:
+    """A DICOM series folder: read later by MONAI's ITKReader, so ITK must be installed."""
+    try:
+        import itk  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"{path} is a folder, read as a DICOM series with ITK, which is not installed; "
+                         "pip install itk-io (or uniseg-hub[dicom])") from e
+    if not any(os.scandir(path)):
+        raise InputError(f"{path} is an empty folder; pass a NIfTI file or a folder holding one DICOM series")
+
+
 def _describe_file(path: str) -> tuple[tuple[int, ...], np.ndarray]:
     """(shape, affine) from the header only, with an InputError for missing or unreadable files."""
     if not os.path.isfile(path):
-        raise InputError(f"input file {path} does not exist")
+        raise InputError(f"input {path} does not exist")
     try:
         image = nib.load(path)
     except Exception as e:  # nibabel raises several types for foreign or damaged files
@@ -142,8 +153,17 @@ def count_channels(data: Sequence[Mapping], key: str = "image") -> int:
     item = data[0][key]
     if isinstance(item, (list, tuple)):
         return len(item)
+    if os.path.isdir(str(item)):
+        return 1  # a DICOM series
     shape, _ = _describe_file(str(item))
     return shape[3] if len(shape) == 4 else 1
+
+
+def image_reader(data: Sequence[Mapping], key: str = "image") -> str:
+    """MONAI reader for the datalist: ITK for DICOM series folders, nibabel for NIfTI files."""
+    first = data[0][key] if data else ""
+    first = first[0] if isinstance(first, (list, tuple)) and first else first
+    return "ITKReader" if os.path.isdir(str(first)) else "NibabelReader"
 
 
 class CheckInputFilesd(MapTransform):
@@ -168,16 +188,20 @@ class CheckInputFilesd(MapTransform):
             files = [str(f) for f in (d[key] if isinstance(d[key], (list, tuple)) else [d[key]])]
             if not files:
                 raise InputError("an input with no files; give one file per channel")
+            if len(files) == 1 and os.path.isdir(files[0]):
+                _check_dicom_folder(files[0])
+                files = []
             described = [_describe_file(f) for f in files]
-            (shape0, affine0), rest = described[0], described[1:]
-            for f, (shape, affine) in zip(files[1:], rest):
+            for f, (shape, affine) in zip(files[1:], described[1:]):
+                shape0, affine0 = described[0]
                 if shape != shape0 or not np.allclose(affine, affine0, atol=self.atol):
                     raise InputError(
                         f"{f} does not share the grid of {files[0]} (shape {shape} vs {shape0}, affine differs by "
                         f"{np.abs(affine - affine0).max():.4g} mm); multi-file inputs must be co-registered on one grid"
                     )
             if self.layout is not None and not self.overwrite:
-                target = Path(self.layout.filename(subject=files[0]))
+                target = Path(self.layout.filename(subject=str(d[key][0] if isinstance(d[key], (list, tuple))
+                                                               else d[key])))
                 if target.exists():
                     raise InputError(f"{target} already exists; remove it or ask to overwrite (overwrite=true)")
         return d
