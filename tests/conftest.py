@@ -6,6 +6,8 @@ import torch
 from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
 from uniseg_hub.weights import convert_checkpoint
 
+pytest_plugins = ["fakehub"]  # the fake Hugging Face Hub: fake_hub, hf_isolated, small_release
+
 # The small configuration used across the suite (official axis order for the official format):
 # 6 stages with 4-8-16-16-16-16 features, patch (z, y, x) = (32, 64, 64), i.e. (64, 64, 32) in MONAI order.
 SMALL = dict(base_features=4, max_features=16, patch_zyx=(32, 64, 64))

@@ -100,6 +100,7 @@ def test_existing_output_is_kept_unless_overwrite(converted_small, data, tmp_pat
     assert out.read_bytes() == b"keep me"
     run_bundle(converted_small, tmp_path, input=str(data["ct"]), task="spleen", tta=False, overwrite=True)
     assert nib.load(out).shape == nib.load(data["ct"]).shape
+    assert set(np.unique(np.asanyarray(nib.load(out).dataobj))) <= {0, 1}  # the task's own labels, not merged ones
 
 
 def preprocess(weights, task, image):

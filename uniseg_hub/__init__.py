@@ -1,25 +1,65 @@
 """uniseg-hub: the UniSeg universal 3D segmentation model (arXiv 2304.03493) for MONAI and the Hugging Face Hub.
 
     from uniseg_hub import load_encoder
-    encoder = load_encoder("path/to/converted", in_channels=1)
+    encoder = load_encoder("path/to/converted", in_channels=1)   # or a model name from list_models()
+
+Attributes are imported on first use, so ``uniseg-hub list`` and friends start without importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
+    ChecksumError,
+    DownloadError,
     IncompatibleCheckpointError,
     InputShapeError,
+    ManifestError,
+    NotAvailableOfflineError,
+    NotPublishedError,
+    PublishError,
     UnisegHubError,
+    UnknownModelError,
     UnknownTaskError,
     UnsafeCheckpointError,
     UnsupportedChannelsError,
 )
-from .network import UniSeg, UniSegBackbone, UniSegEncoder  # noqa: E402
-from .pretrained import load_encoder, load_model  # noqa: E402
-from .weights import convert_checkpoint  # noqa: E402
+
+_LAZY = {
+    "UniSeg": "network", "UniSegBackbone": "network", "UniSegEncoder": "network",
+    "load_encoder": "pretrained", "load_model": "pretrained",
+    "convert_checkpoint": "weights",
+    "download": "hub", "verify": "hub", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
+    "publish": "publishing",
+}
+
+if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
+    from .hub import download, list_models, load_manifest, model_info, verify  # noqa: F401
+    from .network import UniSeg, UniSegBackbone, UniSegEncoder  # noqa: F401
+    from .pretrained import load_encoder, load_model  # noqa: F401
+    from .publishing import publish  # noqa: F401
+    from .weights import convert_checkpoint  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
-    "__version__", "UniSeg", "UniSegBackbone", "UniSegEncoder", "load_encoder", "load_model", "convert_checkpoint",
+    "__version__", *_LAZY,
     "UnisegHubError", "UnknownTaskError", "InputShapeError", "UnsupportedChannelsError", "UnsafeCheckpointError",
-    "IncompatibleCheckpointError",
+    "IncompatibleCheckpointError", "ManifestError", "UnknownModelError", "NotPublishedError", "DownloadError",
+    "NotAvailableOfflineError", "ChecksumError", "PublishError",
 ]

@@ -1,11 +1,16 @@
 """The ``uniseg-hub`` command line: a thin ``fire`` layer over the package's functions.
 
-Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage error (unknown command or option,
-rejected before anything runs). Every command has ``--help``.
+Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage error (unknown command or option, a
+missing or extra argument), rejected before anything runs. Every command has ``--help``. Values stay the strings
+that were typed (fire alone would turn ``--revision 1e5`` into a float). Commands import what they need when they
+run, so ``list``, ``info``, ``download``, ``verify`` and ``path`` start without importing torch.
+
+Conventions for a command (see ``guard_args``): required inputs are positional parameters, options are
+keyword-only with defaults, a flag is an option whose default is a bool, option values arrive as the strings typed
+unless annotated ``int`` or ``float``, the docstring's Args become ``--help``.
 """
 
-from __future__ import annotations
-
+import inspect
 import json as jsonlib
 import sys
 
@@ -14,19 +19,131 @@ import fire
 from .errors import UnisegHubError
 
 
-def reject_unknown(unknown: dict) -> None:
-    """fire runs a command before complaining about options it could not use; fail first instead (exit 2)."""
-    if unknown:
-        flags = " ".join(f"--{k}" for k in unknown)
-        raise fire.core.FireError(f"unknown option(s): {flags}; see --help")
-
-
-def emit(result: dict, as_json: bool, text: str) -> None:
+def emit(result, as_json: bool, text: str) -> None:
     """Print ``text`` for people, or ``result`` as JSON for programs."""
     print(jsonlib.dumps(result, indent=2) if as_json else text)
 
 
-def convert(src: str, out_dir: str, overwrite: bool = False, json: bool = False, **unknown) -> None:
+def list_models(*, manifest=None, json: bool = False) -> None:
+    """List the models that can be loaded by name, published on the Hub or not.
+
+    Args:
+        manifest: another weights manifest than UNISEG_HUB_MANIFEST or the one shipped with uniseg-hub.
+        json: print the list as JSON.
+    """
+    from .hub import load_manifest
+
+    m = load_manifest(manifest)
+    rows = [{"name": e["name"], "published": e["published"], "repo_id": e["repo_id"], "revision": e["revision"],
+             "size": e["size"], "license": e["license"]["name"], "commercial_use": e["license"]["commercial_use"],
+             "description": e["description"]} for e in m.models.values()]
+
+    def line(row: dict) -> str:
+        size = "" if row["size"] is None else f"{row['size'] / 1e6:.1f} MB  "
+        status = "published" if row["published"] else "not published"
+        return f"{row['name']}  {status}  {size}{row['license']}\n  {row['description']}"
+
+    lines = [line(r) for r in rows]
+    emit(rows, json, "\n".join(lines + [f"(manifest: {m.path})"]))
+
+
+def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> None:
+    """Show a model's manifest entry: repository and commit, file, licence, architecture, preprocessing, source,
+    and whether it is in the cache.
+
+    Args:
+        name: a model name (see `uniseg-hub list`).
+        cache_dir: the huggingface_hub cache to look in (default HF_HUB_CACHE).
+        manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
+        json: print the entry (plus "cache") as JSON.
+    """
+    from .hub import cache_status, model_info
+
+    entry = model_info(name, manifest)
+    status = cache_status(name, cache_dir, manifest)
+    arch, pre, src, lic = entry["architecture"], entry["preprocessing"], entry["source"], entry["license"]
+    where = (f"{entry['repo_id']} at commit {entry['revision']}, {entry['filename']} ({entry['size']} bytes, "
+             f"sha256 {entry['sha256']})" if entry["published"]
+             else f"not published on the Hub (original: {src['original_url']})")
+    tasks = pre.get("tasks", {})
+    lines = [
+        f"{entry['name']}: {entry['description']}",
+        f"weights: {where}",
+        f"licence: {lic['name']} ({'commercial use allowed' if lic['commercial_use'] else 'non-commercial only'}) "
+        f"{lic['url']}",
+        f"architecture: {arch['architecture']} " + ", ".join(f"{k} {v}" for k, v in arch["config"].items()),
+        f"preprocessing: axis order {pre['axis_order']}" + (f"; patch {pre['patch_size']}" if "patch_size" in pre
+                                                            else ""),
+        *[f"  {t}: channels {v['channels']}, spacing {v['spacing']} mm, {'/'.join(v['normalization'])}"
+          for t, v in tasks.items()],
+        f"source: {src['paper']}; {src['code']} @ {src['code_commit']}",
+        "cache: " + (f"{status['path']} ({'verified' if status['verified'] else 'not verified yet'})"
+                     if status["path"] else "not downloaded"),
+    ]
+    emit({**entry, "cache": status}, json, "\n".join(lines))
+
+
+def download(name: str, *, revision=None, cache_dir=None, force: bool = False, local_files_only: bool = False,
+             manifest=None, json: bool = False) -> None:
+    """Download a model's weights into the Hugging Face cache, check size and sha256, print the file's path.
+
+    Honours HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE and HTTPS_PROXY / NO_PROXY. A cached
+    file at the pinned commit needs no network: run this where the network is, copy the cache, use it offline.
+
+    Args:
+        name: a model name (see `uniseg-hub list`).
+        revision: a commit, branch or tag instead of the manifest's pinned commit.
+        cache_dir: the huggingface_hub cache to use (default HF_HUB_CACHE).
+        force: download again even if cached.
+        local_files_only: do not use the network (like HF_HUB_OFFLINE=1).
+        manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
+        json: print name, path, sha256 and size as JSON.
+    """
+    from .hub import download as fetch, model_info
+
+    path = fetch(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, force=force,
+                 manifest=manifest)
+    entry = model_info(name, manifest)
+    emit({"name": name, "path": str(path), "repo_id": entry["repo_id"], "revision": revision or entry["revision"],
+          "sha256": entry["sha256"], "size": path.stat().st_size}, json, str(path))
+
+
+def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> None:
+    """Hash a model's cached file against the manifest (no network); exit 1 if it is missing or corrupt.
+
+    Args:
+        name: a model name (see `uniseg-hub list`).
+        cache_dir: the huggingface_hub cache to check (default HF_HUB_CACHE).
+        manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
+        json: print name, path, sha256 and size as JSON.
+    """
+    from .hub import model_info, verify as check
+
+    path = check(name, cache_dir=cache_dir, manifest=manifest)
+    entry = model_info(name, manifest)
+    emit({"name": name, "path": str(path), "sha256": entry["sha256"], "size": entry["size"], "ok": True}, json,
+         f"{name}: {path} is intact (sha256 {entry['sha256']}, {entry['size']} bytes)")
+
+
+def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> None:
+    """Print where a model's verified file is in the cache (never downloads), or the cache folder without NAME.
+
+    Args:
+        name: a model name (see `uniseg-hub list`); omit it for the cache folder itself.
+        cache_dir: the huggingface_hub cache (default HF_HUB_CACHE, i.e. $HF_HOME/hub).
+        manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
+        json: print {"name", "path"} as JSON.
+    """
+    from .hub import cache_folder, download as fetch
+
+    if name is None:
+        found = cache_folder(cache_dir)
+    else:
+        found = fetch(name, cache_dir=cache_dir, local_files_only=True, manifest=manifest)
+    emit({"name": name, "path": str(found)}, json, str(found))
+
+
+def convert(src: str, out_dir: str, *, overwrite: bool = False, json: bool = False) -> None:
     """Convert an official UniSeg checkpoint (nnU-Net v1 .model file) into a safetensors folder.
 
     The file is read with an allow-listed weights-only load (no pickled code runs); the architecture is read from
@@ -38,10 +155,10 @@ def convert(src: str, out_dir: str, overwrite: bool = False, json: bool = False,
         overwrite: replace model.safetensors/config.json already in OUT_DIR.
         json: print the result as JSON.
     """
-    reject_unknown(unknown)
-    from .weights import convert_checkpoint, read_folder, sha256_file, WEIGHTS_FILE
+    from .hub import sha256_file
+    from .weights import WEIGHTS_FILE, convert_checkpoint, read_folder
 
-    out = convert_checkpoint(str(src), str(out_dir), overwrite=bool(overwrite))
+    out = convert_checkpoint(src, out_dir, overwrite=overwrite)
     config, state = read_folder(out)
     weights = out / WEIGHTS_FILE
     result = {
@@ -53,22 +170,217 @@ def convert(src: str, out_dir: str, overwrite: bool = False, json: bool = False,
                        f"{result['parameters']:,} parameters, sha256 {result['sha256']})")
 
 
-COMMANDS = {"convert": convert}
+def publish(folder: str, *, repo_id: str, name=None, description=None, source_url=None, bundle_dir=None,
+            bundle: bool = True, out_dir=None, dry_run: bool = False, private: bool = False, manifest=None,
+            json: bool = False) -> None:
+    """Publish a converted folder as a Hugging Face Hub repository and print its manifest entry.
+
+    The repository gets model.safetensors, config.json, a model card README.md (licence: UniSeg's non-commercial
+    terms) and the MONAI bundle (configs/, docs/, LICENSE, models/), so that uniseg-hub and
+    monai.bundle.download(source="huggingface_hub") both load it. The upload is one commit after which the
+    repository holds exactly these files; it needs a token with write access (`hf auth login` or HF_TOKEN). The
+    entry printed afterwards pins that commit.
+
+    Args:
+        folder: written by `uniseg-hub convert`.
+        repo_id: ORG/NAME on the Hub (created if needed).
+        name: the model's name in the manifest (default: NAME, lower-cased).
+        description: the entry's description (default: from the manifest entry of that name).
+        source_url: where the original checkpoint comes from (the entry's source.original_url).
+        bundle_dir: the MONAI bundle to include (default: the repository's bundle/ when it exists).
+        bundle: --nobundle publishes the model files only.
+        out_dir: build the repository folder here (default: a temporary folder, kept for --dry-run).
+        dry_run: build the folder and print the entry it would add; upload nothing.
+        private: create the repository as private.
+        manifest: the manifest that lends the entry's details (default: UNISEG_HUB_MANIFEST or the shipped one).
+        json: print the result as JSON.
+    """
+    from .hub import format_json
+    from .publishing import publish as run
+
+    result = run(folder, repo_id, name=name, description=description, source_url=source_url,
+                 bundle_dir=bundle_dir, bundle=bundle, out_dir=out_dir, dry_run=dry_run, private=private,
+                 manifest=manifest)
+    bundle_note = (f"with the MONAI bundle from {result['bundle']}" if result["bundle"] else
+                   "model files only, no MONAI bundle (" + ("--nobundle" if not bundle else
+                                                            "no bundle/ folder here; pass --bundle-dir") + ")")
+    lines = [f"{'built' if dry_run else 'published'} {len(result['files'])} files, {bundle_note}"
+             + (f", in {result['folder']}" if result["folder"] else "") + ":",
+             *[f"  {f}" for f in result["files"]]]
+    if dry_run:
+        lines.append(f"dry run: nothing uploaded; the entry's revision is the commit that the upload to "
+                     f"{result['repo_id']} will create")
+    else:
+        lines.append(f"uploaded to {result['repo_id']} at commit {result['commit']}: {result['url']}")
+    lines += ["manifest entry (add it to the models list of weights_manifest.json):", format_json(result["entry"])]
+    if "large_files_entry" in result:
+        lines += ["bundle large_files.yml entry:", *(f"  {k}: \"{v}\"" for k, v in result["large_files_entry"].items())]
+    emit(result, json, "\n".join(lines))
+
+
+def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model: str = "uniseg-11task",
+            device=None, tta: bool = True, overlap: float = 0.5, probabilities: bool = False, preview: bool = True,
+            overwrite: bool = False, progress: bool = True, modality: str = "CT", json: bool = False) -> None:
+    """Segment a scan for one task or all tasks: label map, PNG preview and label volumes.
+
+    INPUT is a NIfTI file, a DICOM series folder, or one file per channel for multi-channel tasks (brats: T1, T1ce,
+    T2, FLAIR; autopet: CT, PET), on one grid. Runs the MONAI bundle's inference config.
+
+    Args:
+        inputs: the scan: one file or folder, or one file per channel.
+        task: liver, kidney, hepatic_vessel, pancreas, colon, lung, spleen, vertebrae, prostate, brats, autopet, an
+            id 0-10, or all (every task of the input's modality; the encoder is shared).
+        out: output folder; <case>_<task>.nii.gz, _preview.png, _volumes.json/.csv (and _probabilities.nii.gz).
+        model: a model name of the manifest (see `uniseg-hub list`) or a folder written by `uniseg-hub convert`.
+        device: cpu, cuda or cuda:N (default: cuda when available).
+        tta: 8-flip mirror test-time augmentation, as the official inference (--tta False is 8x faster).
+        overlap: sliding-window overlap (official 0.5).
+        probabilities: also write the probabilities on the input's grid.
+        preview: write the PNG preview.
+        overwrite: replace existing outputs.
+        progress: show a progress bar over the sliding-window patches.
+        modality: CT or MR, the group --task all uses for 1-channel input.
+        json: print the result as JSON.
+    """
+    from .predict import predict as run, quiet
+
+    quiet()
+    result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
+                 probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
+                 modality=modality)
+    emit(result.as_dict(), json, _describe(result))
+
+
+def _describe(result) -> str:
+    lines = [f"{result.task}: {result.label_map} ({result.seconds:.1f} s)"]
+    lines += [f"  {name}: {path}" for name, path in (("preview", result.preview), ("volumes", result.volumes_csv),
+                                                      ("probabilities", result.probabilities)) if path]
+    lines += [f"  {r['label']:>2} {r['name']:<28} {r['volume_ml']:>10.1f} mL" for r in result.volumes if r["voxels"]]
+    return "\n".join(lines)
+
+
+def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bool = False, device=None,
+         json: bool = False) -> None:
+    """Segment the sample CT (TotalSegmentator example from PyPI) for an abdominal task and for all CT tasks.
+
+    Uses the default published model, or --weights DIR (a folder written by `uniseg-hub convert` from the
+    official checkpoint). Prints where the label maps, previews and volume tables are.
+
+    Args:
+        weights: a converted folder instead of the published model.
+        out: output folder (existing demo outputs are replaced).
+        task: the single task to run besides all CT tasks.
+        tta: 8-flip test-time augmentation (off by default here: 8x faster on a CPU).
+        device: cpu, cuda or cuda:N.
+        json: print the results as JSON.
+    """
+    from .predict import demo as run, quiet
+
+    quiet()
+    results = run(weights=weights, out_dir=out, task=task, tta=tta, device=device)
+    emit([r.as_dict() for r in results], json, "\n".join(_describe(r) for r in results))
+
+
+def export(src: str, out: str, *, in_channels: int = 1, json: bool = False) -> None:
+    """Export a converted model to ONNX (checked against PyTorch with onnxruntime).
+
+    The graph takes `image` (B, C, x, y, z) and `task` (B,) int64 and returns the logits; TorchScript is not
+    offered (see the bundle's docs/README.md).
+
+    Args:
+        src: a folder written by `uniseg-hub convert`.
+        out: the .onnx file to write.
+        in_channels: input channels (1, 2 or 4): the stem baked into the graph.
+        json: print the result as JSON.
+    """
+    from .export import export_onnx
+
+    path = export_onnx(src, out, in_channels=in_channels)
+    emit({"onnx": str(path), "size": path.stat().st_size}, json, f"exported {src} -> {path}")
+
+
+COMMANDS = {"list": list_models, "info": info, "download": download, "verify": verify, "path": path,
+            "convert": convert, "publish": publish, "predict": predict, "demo": demo, "export": export}
+
+
+def usage_error(command: str, message: str) -> None:
+    print(f"ERROR: {message}\nsee: uniseg-hub {command} --help", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def guard_args(command: str, args: list[str]) -> list[str]:
+    """Make fire's argument parsing safe for one command, before anything runs.
+
+    Values are passed as quoted strings (fire would evaluate ``1e5`` or ``0x10`` as numbers) unless the option is
+    annotated ``int`` or ``float``; boolean flags (options with a bool default) never swallow the next argument;
+    ``-r`` style short flags resolve to their option; unknown options or extra positional arguments are usage
+    errors (fire would report them only after running the command). A command that takes ``*args`` or ``**kwargs``
+    receives extra arguments or options as typed.
+    """
+    params = inspect.signature(COMMANDS[command]).parameters
+    flags = {n for n, p in params.items() if isinstance(p.default, bool)}
+    positional = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    any_args = any(p.kind is p.VAR_POSITIONAL for p in params.values())
+    any_options = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    out, given, values = [], set(), []
+    i = 0
+    while i < len(args):
+        token, i = args[i], i + 1
+        if not token.startswith("-") or token == "-":
+            values.append(token)
+            out.append(repr(token))
+            continue
+        option, has_value, value = token.lstrip("-").partition("=")
+        key = option.replace("-", "_")
+        if len(key) == 1 and len(short := [n for n in params if n.startswith(key)]) == 1:
+            key = short[0]
+        if key.startswith("no") and key[2:] in flags and not has_value:
+            key, has_value, value = key[2:], True, "False"
+        if key not in params:
+            if not any_options:
+                usage_error(command, f"unknown option {token.split('=')[0]} for `uniseg-hub {command}`; options: "
+                                     + ", ".join("--" + n.replace("_", "-") for n, p in params.items()
+                                                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)))
+            out.append(token)
+            if not has_value and i < len(args) and not args[i].startswith("-"):
+                out.append(args[i])
+                i += 1
+            continue
+        given.add(key)
+        if key in flags:
+            if not has_value and i < len(args) and args[i].lower() in ("true", "false"):
+                value, has_value, i = args[i], True, i + 1
+            out.append(f"--{key}={value.capitalize() if has_value else 'True'}")
+            continue
+        if not has_value:
+            if i >= len(args):
+                usage_error(command, f"option {token} needs a value")
+            value, i = args[i], i + 1
+        numeric = params[key].annotation in (int, float, "int", "float")  # fire parses these
+        out.append(f"--{key}={value}" if numeric else f"--{key}={value!r}")
+    free = [n for n in positional if n not in given]
+    if len(values) > len(free) and not any_args:
+        usage_error(command, f"unexpected argument(s) {' '.join(values[len(free):])} for `uniseg-hub {command}`")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``uniseg-hub`` console script (returns None: see fire's exit-code pitfall)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv and any(a in ("-h", "--help") for a in argv):
-        # commands take **unknown (to reject misspelt flags), which would swallow --help: route it to fire's help
-        argv = [a for a in argv if a not in ("-h", "--help")] + ["--", "--help"]
+    command = argv[0] if argv else None
+    if any(a in ("-h", "--help") for a in argv):
+        # show help without running anything (fire runs a command before honouring a trailing --help)
+        argv = ([command] if command in COMMANDS else []) + ["--", "--help"]
+    elif command in COMMANDS:
+        argv = [command, *guard_args(command, argv[1:])]
     try:
         fire.Fire(COMMANDS, command=argv, name="uniseg-hub")
     except UnisegHubError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename or ''})", file=sys.stderr)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {' '.join(str(e.strerror or e).split())}{where}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

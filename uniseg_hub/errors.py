@@ -27,3 +27,35 @@ class UnsafeCheckpointError(UnisegHubError):
 
 class IncompatibleCheckpointError(UnisegHubError):
     """A checkpoint whose tensors do not fit the architecture (missing, unexpected or misshaped)."""
+
+
+class ManifestError(UnisegHubError, ValueError):
+    """A weights manifest that is not valid JSON or breaks the schema (missing field, bad sha, duplicate name)."""
+
+
+class UnknownModelError(UnisegHubError, LookupError):
+    """A model name that the manifest does not list (and that is not a local folder)."""
+
+
+class NotPublishedError(UnisegHubError, LookupError):
+    """A manifest entry with no copy on the Hub yet (the official 11-task model today)."""
+
+
+class DownloadError(UnisegHubError, OSError):
+    """The Hub could not serve the file: no such repository, revision or file, refused access, network failure."""
+
+
+class NotAvailableOfflineError(DownloadError):
+    """Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) and the file is not in the cache."""
+
+
+class ChecksumError(UnisegHubError, OSError):
+    """A file whose size or sha256 differs from the manifest's, even after fetching it once more."""
+
+    def __init__(self, message: str, *, path=None, expected: str | None = None, actual: str | None = None):
+        super().__init__(message)
+        self.path, self.expected, self.actual = path, expected, actual
+
+
+class PublishError(UnisegHubError):
+    """``publish`` could not build or upload a repository (bad folder, bad repo id, refused by the Hub)."""

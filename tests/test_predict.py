@@ -1,0 +1,203 @@
+"""``uniseg-hub predict`` and ``demo`` as people run them: subprocesses on real scans, DICOM, all tasks, bad input."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from matplotlib import image as mpimg
+
+from dicom_series import write_series
+from test_bundle import crop, sample
+from uniseg_hub import cli
+from uniseg_hub.report import PREVIEW_SIZE
+from uniseg_hub.tasks import get_task, merged_label_names, tasks_in_group
+
+
+def uniseg(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "uniseg_hub", *map(str, args)], capture_output=True, text=True,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ct")
+    return crop(sample("ct_small"), folder / "abdomen.nii.gz", (slice(20, 60), slice(30, 70), slice(8, 24)))
+
+
+def test_predict_writes_label_map_preview_and_volumes(converted_small, ct, tmp_path):
+    result = uniseg("predict", ct, "--task", "liver", "--out", tmp_path, "--model", converted_small,
+                    "--tta", "False", "--probabilities", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    label_map = nib.load(summary["label_map"])
+    source = nib.load(ct)
+    assert label_map.shape == source.shape and np.allclose(label_map.affine, source.affine, atol=1e-4)
+    labels = np.asanyarray(label_map.dataobj)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+    probabilities = nib.load(summary["probabilities"])
+    assert probabilities.shape == (*source.shape, 3) or probabilities.shape[:3] == source.shape
+
+    # the volume table agrees with the label map and the voxel spacing
+    voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000
+    table = json.loads(open(summary["volumes_json"]).read())
+    assert [r["name"] for r in table] == ["liver", "liver tumour"]
+    for row in table:
+        count = int((labels == row["label"]).sum())
+        assert row["voxels"] == count and row["volume_ml"] == pytest.approx(count * voxel_ml, abs=1e-3)
+    assert open(summary["volumes_csv"]).read().splitlines()[0] == "label,name,voxels,volume_ml"
+
+    # the preview is a real PNG of the promised size, with coloured (overlay) pixels
+    picture = mpimg.imread(summary["preview"])
+    assert picture.shape[:2] == (PREVIEW_SIZE[1], PREVIEW_SIZE[0])
+    rgb = picture[..., :3]
+    coloured = (np.ptp(rgb, axis=-1) > 0.15).mean()
+    assert coloured > 0.01, "no overlay visible in the preview"
+
+    # a second run keeps the outputs unless --overwrite
+    again = uniseg("predict", ct, "--task", "liver", "--out", tmp_path, "--model", converted_small, "--tta", "False")
+    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_dicom_series_gives_the_same_label_map_as_nifti(converted_small, ct, tmp_path):
+    pytest.importorskip("itk")
+    series = write_series(ct, tmp_path / "series")
+    for source, out in ((ct, tmp_path / "nifti"), (series, tmp_path / "dicom")):
+        result = uniseg("predict", source, "--task", "spleen", "--out", out, "--model", converted_small,
+                        "--tta", "False", "--preview", "False")
+        assert result.returncode == 0, result.stderr[-2000:]
+    from_nifti = nib.load(tmp_path / "nifti" / "abdomen_spleen.nii.gz")
+    from_dicom = nib.load(tmp_path / "dicom" / "series_spleen.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(from_dicom.dataobj), np.asanyarray(from_nifti.dataobj))
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
+
+
+def test_task_all_equals_the_tasks_one_by_one_merged(converted_small, ct, tmp_path):
+    # The official all-tasks rule works on full-head probabilities in the network's grid (MergeTasksd), with one
+    # spacing for all tasks (the official -spacing). On an input already at that spacing the grid is the input's,
+    # so per-task probability maps at the same spacing, merged by the official rule, give the all-tasks map.
+    image = nib.load(ct)
+    at_spacing = tmp_path / "ct_1.5mm.nii.gz"
+    affine = image.affine.copy()
+    affine[:3, :3] = np.diag([1.5, 1.5, 3.0]) * np.sign(np.diag(image.affine[:3, :3]))
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[:, :, :10], affine), at_spacing)
+    result = uniseg("predict", at_spacing, "--task", "all", "--out", tmp_path / "all", "--model", converted_small,
+                    "--tta", "False", "--preview", "False")
+    assert result.returncode == 0, result.stderr[-2000:]
+    merged = np.asanyarray(nib.load(tmp_path / "all" / "ct_1.5mm_all.nii.gz").dataobj)
+    expected = np.zeros_like(merged)
+    from uniseg_hub.predict import _run_bundle
+
+    for task in tasks_in_group("CT"):
+        out = tmp_path / task.name
+        _run_bundle({"input": str(at_spacing), "task": task.name, "output_dir": str(out), "tta": False,
+                     "weights": str(converted_small), "save_probabilities": True, "spacing": [1.5, 1.5, 3.0],
+                     "predictor#crop_classes": False})
+        probs = np.asanyarray(nib.load(out / f"ct_1.5mm_{task.name}_probabilities.nii.gz").dataobj)
+        labels = probs.reshape(*merged.shape, -1).argmax(-1)
+        for index, value in enumerate(task.merged_labels, 1):
+            expected[labels == index] = value
+    np.testing.assert_array_equal(merged, expected)
+    table = {r["label"]: r for r in json.loads((tmp_path / "all" / "ct_1.5mm_all_volumes.json").read_text())}
+    assert set(table) == set(merged_label_names("CT")) - {0}
+
+
+def one_line_error(result):
+    lines = result.stderr.strip().splitlines()
+    return result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in \
+        result.stderr
+
+
+def test_failures_are_one_line_with_exit_status_1(converted_small, ct, tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), flat)
+    cases = {
+        "unreadable": (["predict", tmp_path / "bad.nii.gz"], "cannot read"),
+        "dimensions": (["predict", flat], "3-D"),
+        "unknown task": (["predict", ct, "--task", "livr"], "liver (0)"),
+        "missing": (["predict", tmp_path / "none.nii.gz"], "does not exist"),
+        "geometry": (["predict", ct, flat, "--task", "autopet"], "grid"),
+    }
+    for name, (args, message) in cases.items():
+        result = uniseg(*args, "--out", tmp_path / "out", "--model", converted_small, "--tta", "False")
+        assert one_line_error(result), f"{name}: {result.stderr[-1500:]}"
+        assert message in result.stderr, f"{name}: {result.stderr}"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_demo_without_reachable_weights_says_how_to_get_them(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
+           "UNISEG_HUB_DATA": str(tmp_path / "data")}
+    result = uniseg("demo", "--out", tmp_path / "demo", env=env)
+    assert one_line_error(result), result.stderr
+    assert "uniseg-hub convert" in result.stderr and "uniseg-hub publish" in result.stderr
+    assert not (tmp_path / "data").exists(), "the demo fetched the sample before knowing it has weights"
+
+
+def test_demo_with_converted_weights(converted_small, tmp_path):
+    result = uniseg("demo", "--weights", converted_small, "--out", tmp_path, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads(result.stdout)
+    assert [r["task"] for r in runs] == ["liver", "all"]
+    for run in runs:
+        assert nib.load(run["label_map"]).shape == nib.load(sample("ct_small")).shape
+        assert mpimg.imread(run["preview"]).shape[:2] == (PREVIEW_SIZE[1], PREVIEW_SIZE[0])
+
+
+# property-based: whatever the header, affine, shape or values, a valid output or one clean error line
+shapes = st.one_of(st.tuples(*[st.integers(1, 20)] * 3), st.tuples(st.integers(2, 12), st.integers(2, 12)),
+                   st.tuples(st.integers(2, 10), st.integers(2, 10), st.integers(2, 10), st.sampled_from([1, 2])))
+
+
+@st.composite
+def nifti_cases(draw):
+    shape = draw(shapes)
+    dtype = draw(st.sampled_from([np.int16, np.uint8, np.float32, np.float64]))
+    kind = draw(st.sampled_from(["ct", "zeros", "nan", "inf", "constant"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    data = rng.normal(0, 300, size=shape)
+    if kind == "zeros":
+        data[:] = 0
+    elif kind == "constant":
+        data[:] = 40
+    elif kind in ("nan", "inf") and np.issubdtype(dtype, np.floating):
+        data.flat[draw(st.integers(0, data.size - 1))] = np.nan if kind == "nan" else np.inf
+    data = np.clip(data, np.iinfo(dtype).min, np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else data
+    spacing = [draw(st.floats(0.6, 5.0)) for _ in range(3)]
+    signs = [draw(st.sampled_from([-1, 1])) for _ in range(3)]
+    affine = np.diag([*(s * g for s, g in zip(spacing, signs)), 1.0])
+    if draw(st.booleans()):  # an oblique grid
+        angle = draw(st.floats(-0.5, 0.5))
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        affine[:3, :3] = rotation @ affine[:3, :3]
+    affine[:3, 3] = [draw(st.floats(-200, 200)) for _ in range(3)]
+    image = nib.Nifti1Image(data.astype(dtype), affine)
+    image.set_qform(affine, code=draw(st.sampled_from([0, 1, 2])))
+    image.set_sform(affine, code=draw(st.sampled_from([0, 1, 2])))
+    return image
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=nifti_cases())
+def test_any_nifti_gives_a_valid_output_or_one_clean_error(converted_small, tmp_path_factory, image, capsys):
+    folder = tmp_path_factory.mktemp("case")
+    path = folder / "scan.nii.gz"
+    nib.save(image, path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(path), "--out", str(folder / "out"), "--model", str(converted_small),
+                  "--tta", "False", "--preview", "False", "--progress", "False"])
+        raise SystemExit(0)
+    err = capsys.readouterr().err
+    if exit_info.value.code in (0, None):
+        written = nib.load(folder / "out" / "scan_liver.nii.gz")
+        assert written.shape == image.shape[:3] and written.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asanyarray(written.dataobj))) <= set(range(get_task("liver").num_classes))
+    else:
+        lines = err.strip().splitlines()
+        assert exit_info.value.code == 1 and len(lines) == 1 and lines[0].startswith("error:"), err
+        assert not (folder / "out").exists() or not any((folder / "out").iterdir())

@@ -1,0 +1,284 @@
+"""Publishing a converted checkpoint as a Hugging Face Hub repository, and the manifest entry that pins it.
+
+The repository serves two kinds of users at once:
+
+* uniseg-hub (and anyone with ``hf_hub_download``): ``model.safetensors`` and ``config.json`` at the top level,
+  described by a model card ``README.md`` whose front matter names the licence (``other``: UniSeg's
+  non-commercial terms, linked), the tags and the library;
+* MONAI: with a bundle folder (the repository's ``bundle/`` by default), its ``configs/``, ``docs/``, ``scripts/``
+  and ``LICENSE`` are copied too and the converted folder appears again as ``models/`` (``model.safetensors``,
+  ``config.json``), so that
+  ``monai.bundle.download(name=..., source="huggingface_hub", repo=ORG/NAME)`` fetches a runnable bundle (the Hub
+  stores the identical file once).
+
+The upload is one commit through ``HfApi.create_commit``; its sha becomes the entry's pinned ``revision``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCardData
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import validate_repo_id
+
+from . import __version__, hub
+from .errors import PublishError, UnisegHubError
+from .tasks import TASKS
+from .weights import CONFIG_FILE, WEIGHTS_FILE, build_network, load_checked, read_folder
+
+BUNDLE_DIR = Path(__file__).resolve().parent.parent / "bundle"
+"""The repository's MONAI bundle; the default of ``bundle_dir`` when it exists (a source checkout)."""
+BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
+BUNDLE_WEIGHTS = "models/" + WEIGHTS_FILE
+OFFICIAL = "uniseg-11task"
+TAGS = ["medical-imaging", "3d", "segmentation", "monai", "uniseg", "ct", "mri", "pet", "safetensors"]
+
+
+def _check_repo_id(repo_id) -> str:
+    repo_id = str(repo_id)
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as e:
+        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repository id ({e}); use ORG/NAME") from e
+    if repo_id.count("/") != 1:
+        raise PublishError(f"--repo-id {repo_id!r} must be ORG/NAME (a user or organisation, then the name)")
+    return repo_id
+
+
+def _bundle_folder(bundle_dir, bundle: bool) -> Path | None:
+    if not bundle:
+        return None
+    if bundle_dir is None:
+        return BUNDLE_DIR if (BUNDLE_DIR / "configs").is_dir() else None
+    folder = Path(bundle_dir).expanduser()
+    if not (folder / "configs").is_dir():
+        raise PublishError(f"{folder} is not a MONAI bundle folder (it has no configs/); pass the bundle's root, "
+                           "or --nobundle to publish the model files only")
+    return folder
+
+
+def _entry(name: str, description, repo_id: str, config: dict, weights: Path, source_url, manifest) -> dict:
+    """The manifest entry of the published file (revision still None): what the manifest knows about ``name``
+    (or about the official model) updated with the facts of this folder."""
+    active = hub.load_manifest(manifest)
+    known = name in active.models
+    base = active.models[name] if known else hub.packaged_manifest().models[OFFICIAL]
+    architecture = {"architecture": config["architecture"], "config": config["config"]}
+    converted_from = config.get("source") or {}
+    if known and base["source"].get("original_sha256") and converted_from.get("sha256") \
+            and base["source"]["original_sha256"] != converted_from["sha256"]:
+        raise PublishError(
+            f"the folder was converted from a file with sha256 {converted_from['sha256']}, but the manifest's {name} "
+            f"comes from {base['source']['original_sha256']}: wrong checkpoint, or choose another --name")
+    if known and base["architecture"] == architecture:
+        preprocessing = copy.deepcopy(base["preprocessing"])
+    elif config["architecture"] == "UniSeg" and config["config"].get("num_tasks") == len(TASKS):
+        preprocessing = hub.official_preprocessing(config["config"]["patch_size"])
+    else:
+        preprocessing = {"axis_order": "MONAI (C, x, y, z)",
+                         "note": "not recorded: a fine-tuned model expects the preprocessing of its own training"}
+    if known:
+        source = copy.deepcopy(base["source"])
+    else:
+        source = {k: base["source"][k] for k in ("paper", "paper_url", "code", "code_commit") if k in base["source"]}
+        source["original_url"] = None
+    source.update({
+        "original_file": converted_from.get("file") or source.get("original_file"),
+        "original_format": converted_from.get("format") or source.get("original_format"),
+        "original_sha256": converted_from.get("sha256") or source.get("original_sha256"),
+        "converted_with": f"uniseg-hub {config.get('uniseg_hub_version', __version__)}",
+    })
+    if source_url is not None:
+        source["original_url"] = str(source_url)
+    if description is None:
+        description = base["description"] if known else (
+            f"{config['architecture']} converted by uniseg-hub from {source['original_file'] or 'a checkpoint'}")
+    entry = {
+        "name": name, "description": str(description), "published": True, "repo_id": repo_id, "revision": None,
+        "sha256": hub.sha256_file(weights), "size": weights.stat().st_size, "filename": WEIGHTS_FILE,
+        "format": "safetensors", "license": copy.deepcopy(base["license"]), "architecture": architecture,
+        "preprocessing": preprocessing, "source": source,
+    }
+    return hub.validate_entry(entry, "the new manifest entry", require_revision=False)
+
+
+def model_card(entry: dict, with_bundle: bool) -> str:
+    """README.md of the repository: YAML front matter for the Hub, then how to use, licence and provenance."""
+    license_ = entry["license"]
+    data = ModelCardData(license="other", license_name="uniseg-non-commercial", license_link=license_["url"],
+                         library_name="uniseg-hub", tags=TAGS, pipeline_tag="image-segmentation")
+    name, repo_id, source = entry["name"], entry["repo_id"], entry["source"]
+    bundle = (f"""
+## MONAI bundle
+
+This repository is also a MONAI bundle (`configs/`, `docs/`, `LICENSE`, weights in `models/`):
+
+```python
+import monai.bundle
+monai.bundle.download(name="{repo_id.split('/')[1]}", source="huggingface_hub", repo="{repo_id}", bundle_dir="bundles")
+```
+
+See `docs/README.md` for running inference, evaluation and fine-tuning with it.
+""" if with_bundle else "")
+    original = f", from {source['original_url']}" if source.get("original_url") else ""
+    return f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+{entry['description']}.
+
+The weights are in MONAI axis order, (C, x, y, z), as `{WEIGHTS_FILE}`; `{CONFIG_FILE}` describes the
+architecture ({entry['architecture']['architecture']}). Converted and published with {source['converted_with']}
+(`pip install uniseg-hub`), which reads the official nnU-Net v1 checkpoint without executing pickled code.
+
+## Use
+
+```python
+# pip install uniseg-hub
+from uniseg_hub import load_encoder, load_model
+
+model = load_model("{name}")                    # once the uniseg-hub manifest lists {name}
+encoder = load_encoder("{name}", in_channels=1)  # pretrained encoder, sha256-checked download
+```
+
+Without a manifest entry, download the folder and load it:
+
+```python
+from huggingface_hub import snapshot_download
+from uniseg_hub import load_model
+
+model = load_model(snapshot_download("{repo_id}", allow_patterns=["{WEIGHTS_FILE}", "{CONFIG_FILE}"]))
+```
+{bundle}
+## Files
+
+| file | bytes | sha256 |
+|---|---|---|
+| `{WEIGHTS_FILE}` | {entry['size']} | `{entry['sha256']}` |
+
+## Licence
+
+**Non-commercial use only.** The weights come from UniSeg and fall under
+[{license_['name']}]({license_['url']}); for commercial use, contact the authors
+({license_.get('commercial_contact', 'see the licence')}). {license_.get('notes', '')}
+
+## Provenance
+
+* Paper: {source['paper']} {source.get('paper_url', '')}
+* Official code: {source['code']} at commit `{source['code_commit']}`
+* Original checkpoint: `{source.get('original_file')}` (sha256 `{source.get('original_sha256')}`){original}
+"""
+
+
+def _stage(out: Path, folder: Path, bundle: Path | None, card: str) -> list[str]:
+    """Lay the repository out in ``out``; returns its files (relative, sorted)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise PublishError(f"{out} is not empty; give publish an empty or new --out-dir")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        shutil.copyfile(folder / name, out / name)
+    (out / "README.md").write_text(card, encoding="utf-8")
+    if bundle is not None:
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store")
+        for part in BUNDLE_PARTS:
+            if (bundle / part).is_dir():
+                shutil.copytree(bundle / part, out / part, ignore=ignore)
+            elif (bundle / part).is_file():
+                shutil.copyfile(bundle / part, out / part)
+        (out / "models").mkdir(exist_ok=True)  # the bundle's configs load the converted folder models/
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            shutil.copyfile(folder / name, out / "models" / name)
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def _upload(out: Path, files: list[str], repo_id: str, *, private: bool, token, endpoint, message: str):
+    """One commit that makes the repository's main branch hold exactly ``files``; returns the CommitInfo."""
+    api = HfApi(endpoint=endpoint, token=token, library_name=hub.LIBRARY_NAME, library_version=__version__)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        try:
+            stale = set(api.list_repo_files(repo_id)) - set(files) - {".gitattributes"}
+        except (hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError):  # a new, empty repository
+            stale = set()
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(out / f)) for f in files]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in sorted(stale)]
+        return api.create_commit(repo_id, operations=operations, commit_message=message), api.endpoint
+    except hf_errors.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        hint = ("log in with `hf auth login` (a token with write access to the organisation) or set HF_TOKEN"
+                if status in (401, 403) else "check the repository id and your access to it")
+        raise PublishError(f"the Hub at {api.endpoint} refused to publish {repo_id} (HTTP {status}: "
+                           f"{' '.join(str(e).split())}); {hint}") from e
+    except ValueError as e:
+        raise PublishError(f"the Hub at {api.endpoint} rejected the upload to {repo_id}: {' '.join(str(e).split())}"
+                           ) from e
+    except (OSError, hf_errors.HTTPError) as e:
+        raise PublishError(f"could not reach the Hub at {api.endpoint} to publish {repo_id}: "
+                           f"{' '.join(str(e).split())}; check the network, HF_ENDPOINT and the proxy settings") from e
+
+
+def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None, description: str | None = None,
+            source_url: str | None = None, bundle_dir: str | os.PathLike | None = None, bundle: bool = True,
+            out_dir: str | os.PathLike | None = None, dry_run: bool = False, private: bool = False,
+            token: str | None = None, endpoint: str | None = None, manifest=None) -> dict:
+    """Turn a converted folder into a Hub repository; returns what was done and the manifest entry to add.
+
+    Args:
+        folder: written by ``uniseg-hub convert`` (``model.safetensors`` + ``config.json``); checked to load.
+        repo_id: ``ORG/NAME`` on the Hub (created if needed).
+        name: the manifest name (default: NAME of the repo id, lower-cased). An entry of that name in the manifest
+            lends its description, preprocessing and provenance (``uniseg-11task`` for the official model).
+        description, source_url: the entry's description and ``source.original_url``.
+        bundle_dir: the MONAI bundle to include (default: the repository's ``bundle/`` when it exists);
+            ``bundle=False`` publishes the model files only.
+        out_dir: where to build the repository (default: a temporary folder, kept for a dry run).
+        dry_run: build the folder and the entry, upload nothing (the entry's revision stays None).
+            Otherwise one commit makes the repository hold exactly these files (others are deleted in it).
+        private, token, endpoint: for the upload (``token`` defaults to ``hf auth login`` / ``HF_TOKEN``, the
+            endpoint to ``HF_ENDPOINT``).
+        manifest: the manifest that lends the entry's details (default as for ``load_model``).
+
+    Returns ``{"repo_id", "folder", "files", "bundle", "commit", "url", "entry"}`` (plus ``large_files_entry`` for
+    the bundle's ``large_files.yml`` after an upload with the bundle).
+    """
+    repo_id = _check_repo_id(repo_id)
+    name = str(name) if name is not None else repo_id.split("/")[1].lower()
+    folder = Path(folder).expanduser()
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise PublishError(f"{folder} is not a converted folder: it needs {WEIGHTS_FILE} and {CONFIG_FILE}, as "
+                           "`uniseg-hub convert` writes them")
+    config, state = read_folder(folder)
+    try:
+        load_checked(build_network(config), state, source=str(folder))
+    except UnisegHubError as e:
+        raise PublishError(f"{folder} does not load into the architecture its {CONFIG_FILE} describes: {e}") from e
+    bundle_folder = _bundle_folder(bundle_dir, bundle)
+    entry = _entry(name, description, repo_id, config, folder / WEIGHTS_FILE, source_url, manifest)
+    keep = dry_run or out_dir is not None
+    out = Path(out_dir).expanduser() if out_dir is not None else Path(tempfile.mkdtemp(prefix="uniseg-hub-publish-"))
+    try:
+        files = _stage(out, folder, bundle_folder, model_card(entry, bundle_folder is not None))
+        result = {"repo_id": repo_id, "folder": str(out) if keep else None, "files": files,
+                  "bundle": str(bundle_folder) if bundle_folder else None, "commit": None, "url": None,
+                  "entry": entry}
+        if dry_run:
+            return result
+        commit, endpoint = _upload(out, files, repo_id, private=private, token=token, endpoint=endpoint,
+                                   message=f"Publish {name} ({entry['sha256'][:12]}) with uniseg-hub {__version__}")
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+    entry["revision"] = commit.oid
+    hub.validate_entry(entry, "the new manifest entry")
+    result.update(commit=commit.oid, url=f"{endpoint}/{repo_id}/tree/{commit.oid}")
+    if bundle_folder is not None:
+        result["large_files_entry"] = {"path": BUNDLE_WEIGHTS, "url": f"{endpoint}/{repo_id}/resolve/{commit.oid}/"
+                                       f"{WEIGHTS_FILE}", "hash_val": entry["sha256"], "hash_type": "sha256"}
+    return result
