@@ -299,8 +299,26 @@ def export(src: str, out: str, *, in_channels: int = 1, json: bool = False) -> N
     emit({"onnx": str(path), "size": path.stat().st_size}, json, f"exported {src} -> {path}")
 
 
+def prepare_dataset(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool = False, json: bool = False) -> None:
+    """Turn a public downstream dataset folder (btcv or vs) into the bundle's datalist with the official split.
+
+    Users bring the data; nothing is downloaded or copied. BTCV: 21 training / 9 validation cases; VS: 193 / 49.
+
+    Args:
+        dataset: btcv or vs.
+        raw_dir: the dataset as downloaded (BTCV RawData or nnU-Net Task060; VS_Seg vs_gk_N folders or Task061).
+        out_dir: where datalist.json goes (paths in it are relative to it).
+        overwrite: replace an existing datalist.json.
+        json: print the result as JSON.
+    """
+    from .prepare import prepare
+
+    prepare(dataset, raw_dir, out_dir, overwrite=overwrite, json=json)
+
+
 COMMANDS = {"list": list_models, "info": info, "download": download, "verify": verify, "path": path,
-            "convert": convert, "publish": publish, "predict": predict, "demo": demo, "export": export}
+            "convert": convert, "publish": publish, "predict": predict, "demo": demo, "export": export,
+            "prepare": prepare_dataset}
 
 
 def usage_error(command: str, message: str) -> None:
