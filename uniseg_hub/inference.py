@@ -8,7 +8,8 @@
 * ``MergeTasksd``: the official all-tasks label map (per task argmax, later tasks overwrite earlier ones);
 * ``AtomicNibabelWriter``: NIfTI written through a temporary file and renamed, never left half-written;
 * ``datalist``, ``resolve_tasks``: what to segment and with which tasks;
-* ``retain_freed_memory``: keep freed memory in the process for reuse (a CPU speed switch of the bundle).
+* ``retain_freed_memory``: keep freed memory in the process for reuse (a CPU speed switch of the bundle);
+* ``ArgMaxd``: ``AsDiscreted(argmax=True)`` without PyTorch's slow outer-dimension CPU argmax.
 """
 
 from __future__ import annotations
@@ -143,10 +144,25 @@ def retain_freed_memory(enabled: bool = True) -> bool:
     calls it once at start (``retain_freed_memory`` in ``inference.json``; ``false`` there changes nothing).
     Returns whether the setting took effect (False when not enabled, or off Linux/glibc).
     """
+    global _RETAINING
     mallopt = _mallopt()
     if not as_bool(enabled) or mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _RETAINING = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _RETAINING
+
+
+_RETAINING = False
+
+
+def release_freed_memory() -> None:
+    """After the network phase: hand the memory ``retain_freed_memory`` kept back to the system (``malloc_trim``).
+
+    The freed blocks of the sliding windows are of no use to the resampling back to the input grid, whose blocks
+    have other sizes; without this they would add to the peak. A no-op unless ``retain_freed_memory`` is in effect.
+    """
+    if _RETAINING:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _mallopt():
@@ -160,7 +176,9 @@ def _mallopt():
 
 def _glibc_default_malloc() -> None:
     """Undo ``retain_freed_memory`` for blocks allocated from now on (for benchmarks and tests)."""
+    global _RETAINING
     mallopt = _mallopt()
+    _RETAINING = False
     if mallopt is not None:
         mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
         mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
@@ -334,6 +352,8 @@ class MergeTasksd(MapTransform):
         return merged
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        # the first step after the sliding window: the network's retained memory is no longer needed
+        release_freed_memory()
         d = dict(data)
         if len(self.tasks) == 1:
             return d  # one task: its own probabilities and labels
@@ -341,6 +361,29 @@ class MergeTasksd(MapTransform):
             merged = self.merge(torch.as_tensor(d[key]))
             onehot = torch.nn.functional.one_hot(merged, self.num_classes).movedim(-1, 0).float()
             d[key] = _like(d[key], onehot)
+        return d
+
+
+class ArgMaxd(MapTransform):
+    """``AsDiscreted(keys, argmax=True)`` for channel-first maps with few channels, without its slow reduction.
+
+    PyTorch's CPU ``argmax`` over the outermost dimension walks the volume with a stride of one channel (23 s for a
+    3-channel 512x512x300 map on two cores); this compares the channels elementwise instead (under a second). Same
+    output: a (1, *S) float map of the first maximal channel's index, metadata kept. NaN never wins here, unlike
+    ``argmax``; probabilities have none.
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            probs = torch.as_tensor(d[key])
+            best = probs[0].clone()
+            index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
+            for c in range(1, probs.shape[0]):
+                better = probs[c] > best
+                best = torch.where(better, probs[c], best)
+                index.masked_fill_(better, c)
+            d[key] = _like(d[key], index[None])
         return d
 
 

@@ -18,12 +18,19 @@ Layout (defaults = the official 11-task model, ``shared/reference/uniseg-officia
 Conv biases: every convolution of the official model has a bias and feeds an InstanceNorm, which removes it, so the
 biases have no effect on any output. They are kept, so that parameter counts and state dicts match the official
 ones tensor for tensor (32,114,381 parameters, 115 tensors).
+
+CPU inference fast path (``fast_inference``, on by default): with gradients off on a CPU tensor, each transposed
+convolution (kernel = stride, so its output blocks do not overlap) is one matrix product written straight into the
+buffer of the skip concatenation, instead of PyTorch's generic deconvolution followed by ``torch.cat``. The result
+is the same (bit-identical in the tests); training, CUDA, tracing and export take the plain path.
+``benchmarks/NOTES.md`` has the measurements, including what did not help (channels-last).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,56 @@ PATCH_SIZE = (192, 192, 64)
 NEGATIVE_SLOPE = 0.01
 
 Triple = Sequence[int]
+
+_FAST_INFERENCE = True
+
+
+@contextlib.contextmanager
+def fast_inference(enabled: bool = True) -> Iterator[None]:
+    """Switch the CPU inference fast path (module docstring) on or off inside a ``with`` block; on by default.
+
+    ``with fast_inference(False):`` runs the plain eager path, e.g. to compare against it.
+    """
+    global _FAST_INFERENCE
+    previous, _FAST_INFERENCE = _FAST_INFERENCE, bool(enabled)
+    try:
+        yield
+    finally:
+        _FAST_INFERENCE = previous
+
+
+def _fast(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the fast path: CPU inference, not traced, compiled or exported."""
+    if not _FAST_INFERENCE or torch.is_grad_enabled() or x.device.type != "cpu":
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+                or torch.onnx.is_in_onnx_export())
+
+
+def _upsample_concat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([up(x), skip], 1)`` for a transposed conv whose kernel equals its stride (no bias, no padding):
+    every input voxel becomes one non-overlapping (C_out, sx, sy, sz) block, so the whole layer is one matrix
+    product per sample, (C_out*sx*sy*sz, C_in) @ (C_in, X*Y*Z), scattered straight into the concatenation buffer."""
+    batch, c_in, *size = x.shape
+    c_out, stride = up.out_channels, tuple(up.stride)
+    out = torch.empty((batch, c_out + skip.shape[1], *(n * s for n, s in zip(size, stride))), dtype=x.dtype,
+                      device=x.device)
+    weight = up.weight.reshape(c_in, -1).t().to(x.dtype)  # (C_out*sx*sy*sz, C_in)
+    for b in range(batch):
+        blocks = torch.mm(weight, x[b].reshape(c_in, -1))  # (C_out*sx*sy*sz, X*Y*Z)
+        blocks = blocks.view(c_out, *stride, *size).permute(0, 4, 1, 5, 2, 6, 3)  # C_out X sx Y sy Z sz
+        out[b, :c_out].unflatten(3, (size[2], stride[2])).unflatten(2, (size[1], stride[1])) \
+            .unflatten(1, (size[0], stride[0])).copy_(blocks)
+    out[:, c_out:].copy_(skip)
+    return out
+
+
+def _is_block_upsample(up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> bool:
+    return (isinstance(up, nn.ConvTranspose3d) and up.bias is None and up.groups == 1
+            and tuple(up.kernel_size) == tuple(up.stride) and not any(up.padding) and not any(up.output_padding)
+            and all(d == 1 for d in up.dilation)
+            and list(skip.shape[2:]) == [n * s for n, s in zip(x.shape[2:], up.stride)])
 
 
 def conv_block(in_channels: int, out_channels: int, kernel_size: Triple, stride: Triple = (1, 1, 1)) -> nn.Module:
@@ -250,7 +307,11 @@ class UNetDecoder(nn.Module):
         x = skips[-1]
         outputs = []
         for u, (up, block, head) in enumerate(zip(self.upsamples, self.blocks, self.heads)):
-            x = block(torch.cat([up(x), skips[-(u + 2)]], 1))
+            skip = skips[-(u + 2)]
+            if _fast(x) and _is_block_upsample(up, x, skip):
+                x = block(_upsample_concat(up, x, skip))
+            else:
+                x = block(torch.cat([up(x), skip], 1))
             if all_levels or u == len(self.heads) - 1:
                 outputs.append(head(x))
         return outputs[::-1] if all_levels else outputs[-1]

@@ -1,0 +1,766 @@
+#!/usr/bin/env python
+"""UniSeg speed and memory benchmark: measures everything in one run, prints one table and writes JSON.
+
+    python benchmarks/run.py                 # the default run (see benchmarks/README-performance.md for its length)
+    python benchmarks/run.py --quick         # TTA on 2 of the 8 flips, one repeat, no 512x512x300 case
+    python benchmarks/run.py --full          # also: all CT tasks one by one end to end, and full TTA everywhere
+    python benchmarks/run.py --sections peak,forward --repeats 3
+
+What it measures (sections, in this order; ``--sections`` picks some):
+
+* ``peak``: float32 matrix-multiply throughput (4096x4096 @ 4096x4096, best of several), at the start and at the
+  end of the run; the higher one is the machine's peak that the forward pass is compared with;
+* ``import``: ``import uniseg_hub`` (lazy, no torch) and ``from uniseg_hub import UniSeg`` (torch and MONAI), in
+  fresh interpreters, best of three;
+* ``weights``: reading the full-size model's weights: ``torch.load`` of an official-format nnU-Net v1 pickle (the
+  allow-listed ``weights_only=True`` reader) against the converted ``model.safetensors``, and ``load_model`` of
+  the converted folder (build + strict load);
+* ``forward``: one (192, 192, 64) patch through the full-size network, float32 on CPU: the unoptimised eager
+  forward and the inference path ``TaskPredictor`` uses, GFLOP counted with ``torch.utils.flop_counter``, GFLOP/s
+  and the fraction of the matmul peak; on CUDA also with float16 autocast;
+* ``peers``: the same architecture built with MONAI ``DynUNet`` and nnU-Net v2's ``dynamic_network_architectures``
+  ``PlainConvUNet`` (skipped with a note when that package is not installed), same patch, same measurements;
+* ``tasks``: all eight CT tasks at once (encoder shared) on one patch, against eight single-task patches (with
+  ``--full`` also end to end on the real CT, each task as its own bundle run);
+* ``e2e``: the bundle's ``inference.json`` on the real 1.5 mm TotalSegmentator torso CT (233x167x191), liver task,
+  without and with test-time augmentation, each in a fresh process: total time and its split (weights, load,
+  preprocess, network, TTA/softmax, stitching, merge/argmax, resampling back, writing, other) and peak RSS;
+* ``large``: the same on a 512x512x300 CT made by resampling the real one (no TTA): the peak-memory case.
+
+Weights are random (seeded) with the official shapes and format (no official checkpoint can be downloaded here);
+the cost of every step does not depend on the weights' values. Nothing here is run by the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # official_format: writes official-format checkpoints (test support)
+
+SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "e2e", "large")
+PATCH = (192, 192, 64)
+FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def summary(times: list[float]) -> dict:
+    return {"best_s": min(times), "median_s": statistics.median(times), "runs_s": times}
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports kilobytes, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(ImportError):
+        import monai
+
+        info["monai"] = monai.__version__
+    return info
+
+
+def loadavg() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+
+def matmul_peak(device: str = "cpu", n: int = 4096, repeats: int = 5) -> dict:
+    """Best float32 GEMM throughput of ``repeats`` n x n x n products (2 n^3 FLOP each)."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.mm(a, b, out=out)
+    sync()
+    times, cpu = [], []
+    for _ in range(repeats):
+        t, c = now(), time.process_time()
+        torch.mm(a, b, out=out)
+        sync()
+        times.append(now() - t)
+        cpu.append(time.process_time() - c)
+    flop = 2 * n**3
+    return {"n": n, "gflops_best": flop / min(times) / 1e9, "gflops_median": flop / statistics.median(times) / 1e9,
+            "gflop_per_cpu_s": flop / min(cpu) / 1e9}
+
+
+def import_times(repeats: int = 3) -> dict:
+    code = ("import time; t = time.perf_counter(); {stmt}; print(time.perf_counter() - t)")
+    out = {}
+    for name, stmt in (("import uniseg_hub", "import uniseg_hub"),
+                       ("from uniseg_hub import UniSeg", "from uniseg_hub import UniSeg")):
+        times = []
+        for _ in range(repeats):
+            result = subprocess.run([sys.executable, "-c", code.format(stmt=stmt)], capture_output=True, text=True,
+                                    cwd=ROOT, check=True)
+            times.append(float(result.stdout.strip().splitlines()[-1]))
+        out[name] = summary(times)
+    return out
+
+
+def full_size_checkpoint(workdir: Path) -> tuple[Path, Path]:
+    """(official-format .model file, converted folder) of the full-size model with seeded weights, cached."""
+    from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
+    from uniseg_hub.weights import convert_checkpoint
+
+    official = workdir / "official" / "model_final_checkpoint.model"
+    converted = workdir / "uniseg-11task-seeded"
+    if not official.is_file():
+        official.parent.mkdir(parents=True, exist_ok=True)
+        save_official_checkpoint(official, seeded_state_dict(official_shapes(), seed=0))
+    if not (converted / "model.safetensors").is_file():
+        convert_checkpoint(official, converted, overwrite=True)
+    return official, converted
+
+
+def weight_loading(workdir: Path, repeats: int = 3) -> dict:
+    from safetensors.torch import load_file
+
+    from uniseg_hub import load_model
+    from uniseg_hub.weights import read_official_checkpoint
+
+    official, converted = full_size_checkpoint(workdir)
+    cases = {
+        "torch.load official .model (weights_only, allow-list)": lambda: read_official_checkpoint(official),
+        "safetensors load_file model.safetensors": lambda: load_file(converted / "model.safetensors"),
+        "load_model(folder) (safetensors + build + strict load)": lambda: load_model(str(converted)),
+    }
+    out = {}
+    for name, fn in cases.items():
+        times = []
+        for _ in range(repeats):
+            t = now()
+            fn()
+            times.append(now() - t)
+        out[name] = summary(times)
+    out["sizes_bytes"] = {"official .model": official.stat().st_size,
+                          "model.safetensors": (converted / "model.safetensors").stat().st_size}
+    return out
+
+
+def count_gflop(model, call, x) -> float:
+    """GFLOP of ``call(model, x)`` by ``torch.utils.flop_counter``, on the meta device (shapes only, no compute)."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        call(copy.deepcopy(model).to("meta"), x.to("meta"))
+    return counter.get_total_flops() / 1e9
+
+
+def time_calls(fn, repeats: int, sync=lambda: None) -> dict:
+    times = []
+    for _ in range(repeats):
+        t = now()
+        fn()
+        sync()
+        times.append(now() - t)
+    return summary(times)
+
+
+def uniseg_model():
+    from uniseg_hub.network import UniSeg
+
+    return UniSeg().eval()
+
+
+def dynunet_model():
+    """MONAI DynUNet with UniSeg's stages (uniseg-official.md §1.7): same kernels, strides, features, norm, act."""
+    from monai.networks.nets import DynUNet
+
+    from uniseg_hub.network import FEATURES, KERNEL_SIZES, STRIDES
+
+    return DynUNet(3, 1, 4, kernel_size=KERNEL_SIZES, strides=STRIDES, upsample_kernel_size=STRIDES[1:],
+                   filters=FEATURES, norm_name=("INSTANCE", {"affine": True}),
+                   act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), deep_supervision=False,
+                   res_block=False).eval()
+
+
+def plainconvunet_model():
+    """nnU-Net v2's PlainConvUNet with UniSeg's stages (conv bias, affine InstanceNorm, LeakyReLU 0.01)."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from uniseg_hub.network import FEATURES, KERNEL_SIZES, STRIDES
+
+    return PlainConvUNet(1, len(FEATURES), FEATURES, torch.nn.Conv3d, KERNEL_SIZES, STRIDES, 2, 4, 2,
+                         conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+                         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                         nonlin_kwargs={"negative_slope": 0.01, "inplace": True}, deep_supervision=False).eval()
+
+
+def forward_case(name: str, model, call, x, repeats: int, peak: float | None, device: str, amp: bool = False,
+                 warmup: bool = False, setup=lambda: None) -> dict:
+    """Time ``call(model, x)`` under ``torch.inference_mode`` and relate it to the matmul peak.
+
+    ``setup`` runs before every call (switches the process state a variant needs); ``warmup`` makes one untimed
+    call first. Several variants are interleaved by ``forward_cases`` so that a change of machine load hits all.
+    """
+    return forward_cases([(name, model, call, setup, amp, warmup)], x, repeats, peak, device)[0]
+
+
+def forward_cases(variants, x, repeats: int, peak: float | None, device: str) -> list[dict]:
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def runner(model, call, setup, amp):
+        autocast = torch.autocast(device, dtype=torch.float16, enabled=amp) if device == "cuda" else \
+            contextlib.nullcontext()
+
+        def run():
+            setup()
+            with torch.inference_mode(), autocast:
+                call(model, x)
+            sync()
+        return run
+
+    rows = []
+    runs = []
+    for name, model, call, setup, amp, warmup in variants:
+        run = runner(model, call, setup, amp)
+        setup()
+        gflop = count_gflop(model, call, x)
+        rows.append({"name": name, "gflop": gflop, "params": sum(p.numel() for p in model.parameters()),
+                     "warmup": warmup, "runs_s": []})
+        runs.append(run)
+    for row, run in zip(rows, runs):
+        if row["warmup"]:
+            run()
+    for _ in range(repeats):
+        for row, run in zip(rows, runs):
+            t, c = now(), time.process_time()
+            run()
+            row["runs_s"].append(now() - t)
+            row.setdefault("cpu_s", []).append(time.process_time() - c)
+    for row in rows:
+        row.update(summary(row["runs_s"]))
+        row["best_cpu_s"] = min(row["cpu_s"])
+        row["gflops"] = row["gflop"] / row["best_s"]
+        row["gflop_per_cpu_s"] = row["gflop"] / row["best_cpu_s"]
+        if peak:
+            row["fraction_of_peak"] = row["gflops"] / peak
+        log(f"  {row['name']}: {row['best_s']:.2f} s (best of {repeats}; CPU {row['best_cpu_s']:.1f} s), "
+            f"{row['gflops']:.1f} GFLOP/s")
+    return rows
+
+
+def plain_call(model, x):
+    """The eager forward, as a user would write it."""
+    return model(x, 0) if hasattr(model, "prompt") else model(x)
+
+
+def predictor_call(model, x):
+    """One window through the inference path of the bundle (TaskPredictor, one task, no TTA)."""
+    from uniseg_hub.inference import TaskPredictor
+    from uniseg_hub.tasks import get_task
+
+    return TaskPredictor(model, [get_task("liver")], mirror=False)(x)
+
+
+def unoptimised():
+    """Process state of the unoptimised path: the network's plain path, glibc's default malloc."""
+    from uniseg_hub import network
+    from uniseg_hub.inference import _glibc_default_malloc
+
+    network._FAST_INFERENCE = False
+    _glibc_default_malloc()
+
+
+def optimised():
+    """Process state of the optimised path: the network's fast path, freed memory retained (as the bundle does)."""
+    from uniseg_hub import network
+    from uniseg_hub.inference import retain_freed_memory
+
+    network._FAST_INFERENCE = True
+    retain_freed_memory()
+
+
+def forward_section(args, peak: float | None, device: str = "cpu") -> list[dict]:
+    import torch
+
+    x = torch.randn(1, 1, *PATCH, device=device)
+    model = uniseg_model().to(device)
+    variants = [("UniSeg, unoptimised (plain eager path, default malloc)", model, plain_call, unoptimised, False,
+                 False),
+                ("UniSeg, optimised inference path (TaskPredictor)", model, predictor_call, optimised, False,
+                 not args.quick)]
+    if device == "cuda":
+        variants.append(("UniSeg, inference path, fp16 autocast", model, predictor_call, optimised, True, True))
+    return forward_cases(variants, x, args.repeats, peak, device)
+
+
+def peers_section(args, peak: float | None, device: str = "cpu") -> list[dict]:
+    """The peers as their users run them (eager, inference_mode), in the same process state as the optimised path
+    (freed memory retained: a process setting that helps any network, so it is not counted as UniSeg's own)."""
+    import torch
+
+    x = torch.randn(1, 1, *PATCH, device=device)
+    variants = [("MONAI DynUNet, same stages", dynunet_model().to(device), plain_call, optimised, False, False)]
+    rows = []
+    try:
+        variants.append(("nnU-Net v2 PlainConvUNet, same stages", plainconvunet_model().to(device), plain_call,
+                         optimised, False, False))
+    except ImportError as e:
+        rows.append({"name": "nnU-Net v2 PlainConvUNet, same stages",
+                     "skipped": f"dynamic_network_architectures not installed ({e}); "
+                                "pip install --no-deps dynamic-network-architectures"})
+    return forward_cases(variants, x, args.repeats, peak, device) + rows
+
+
+def tasks_section(args, single_task_window: dict | None, device: str = "cpu") -> dict:
+    """All CT tasks on one window with the encoder shared, against the tasks one by one (one window each)."""
+    import torch
+
+    from uniseg_hub.inference import TaskPredictor
+    from uniseg_hub.tasks import tasks_in_group
+
+    tasks = tasks_in_group("CT")
+    model = uniseg_model().to(device)
+    x = torch.randn(1, 1, *PATCH, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def all_at_once():
+        with torch.inference_mode():
+            TaskPredictor(model, tasks, mirror=False)(x)
+
+    def one_by_one():
+        with torch.inference_mode():
+            for t in tasks:
+                TaskPredictor(model, [t], mirror=False)(x)
+
+    optimised()
+    out = {"tasks": [t.name for t in tasks], "all_at_once": time_calls(all_at_once, 1, sync)}
+    log(f"  all {len(tasks)} CT tasks at once, one window: {out['all_at_once']['best_s']:.1f} s")
+    if args.measure_one_by_one:
+        out["one_by_one"] = time_calls(one_by_one, 1, sync)
+        out["one_by_one_how"] = "measured: the eight single-task windows run one after another"
+    elif single_task_window is not None:
+        # every task costs the same single-task window (same network; only the prompt index differs)
+        out["one_by_one"] = {"best_s": len(tasks) * single_task_window["best_s"]}
+        out["one_by_one_how"] = (f"{len(tasks)} x the single-task window measured in 'forward' (every task runs "
+                                 "the identical network; --measure-one-by-one runs them)")
+    else:
+        out["one_by_one"] = time_calls(one_by_one, 1, sync)
+        out["one_by_one_how"] = "measured: the eight single-task windows run one after another"
+    out["speedup"] = out["one_by_one"]["best_s"] / out["all_at_once"]["best_s"]
+    log(f"  one by one: {out['one_by_one']['best_s']:.1f} s, speedup {out['speedup']:.2f}x")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+
+
+def large_ct(workdir: Path, source: Path, shape=(512, 512, 300)) -> Path:
+    """The real CT resampled (trilinear) to ``shape`` over the same field of view: a clinical-size CT."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    path = workdir / f"ct_{'x'.join(map(str, shape))}.nii"
+    if path.is_file():
+        return path
+    image = nib.load(source)
+    data = torch.from_numpy(np.asanyarray(image.dataobj).astype(np.float32))[None, None]
+    big = torch.nn.functional.interpolate(data, size=shape, mode="trilinear", align_corners=False)[0, 0]
+    zoom = np.array(image.shape[:3], float) / np.array(shape, float)
+    affine = image.affine.copy()
+    affine[:3, :3] = affine[:3, :3] * zoom[None, :]
+    affine[:3, 3] += image.affine[:3, :3] @ ((zoom - 1) / 2)  # keep the field of view: voxel centres move inwards
+    out = nib.Nifti1Image(np.round(big.numpy()).astype(np.int16), affine)
+    out.header.set_xyzt_units("mm")
+    nib.save(out, path)
+    return path
+
+
+def run_case_in_subprocess(case: dict, threads: int) -> dict:
+    """Run one end-to-end case in a fresh interpreter, so that its peak RSS is its own."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case), "--case-result",
+               result.name, "--threads", str(threads)]
+        proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+        if proc.returncode:
+            raise RuntimeError(f"case {case['name']} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(Path(result.name).read_text())
+
+
+PHASES = ("weights", "load", "preprocess", "network", "tta_softmax", "stitching", "merge_argmax", "resample_back",
+          "write", "other")
+
+
+def instrument(timers: dict, flips: int | None):
+    """Wrap the pipeline's pieces with timers (this process only): a class's ``__call__``, a function."""
+    import monai.inferers
+    import monai.transforms as mt
+
+    import uniseg_hub
+    from uniseg_hub import inference, network, pretrained
+
+    def timed(fn, key):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t = now()
+            try:
+                return fn(*a, **k)
+            finally:
+                timers[key] += now() - t
+        return wrapper
+
+    groups = {
+        "load": [inference.CheckInputFilesd, mt.LoadImaged, mt.EnsureChannelFirstd],
+        "preprocess": [inference.CheckImaged, mt.EnsureTyped, mt.CropForegroundd, mt.Spacingd,
+                       inference.NormalizeTaskd],
+        "merge_argmax": [inference.MergeTasksd, inference.ArgMaxd],
+        "resample_back": [mt.Invertd],
+        "write": [mt.SaveImaged],
+        "inferer": [monai.inferers.SlidingWindowInferer],
+    }
+    for key, classes in groups.items():
+        for cls in classes:
+            cls.__call__ = timed(cls.__call__, key)
+    inference.TaskPredictor.forward = timed(inference.TaskPredictor.forward, "predictor")
+    network.UniSeg.encode = timed(network.UniSeg.encode, "network")
+    network.UniSeg.decode_ids = timed(network.UniSeg.decode_ids, "network")
+    uniseg_hub.load_model = timed(pretrained.load_model, "weights")
+    if flips is not None:
+        init = inference.TaskPredictor.__init__
+
+        def limited(self, *a, **k):
+            init(self, *a, **k)
+            self.flips = self.flips[:flips]
+        inference.TaskPredictor.__init__ = limited
+
+
+def run_case(case: dict) -> dict:
+    """One bundle run (``inference.json`` through MONAI's ConfigWorkflow, like ``monai.bundle run``), timed."""
+    import torch
+    from monai.bundle import ConfigWorkflow
+
+    timers: dict = defaultdict(float)
+    if case.get("unoptimised"):  # the pipeline before the optimisations (benchmarks/NOTES.md)
+        from monai.transforms import AsDiscreted
+
+        from uniseg_hub import inference, network
+
+        network._FAST_INFERENCE = False
+        init = inference.MergeTasksd.__init__
+
+        def eighteen_channels(self, *a, **k):  # the former merged one-hot: all 18 labels
+            init(self, *a, **k)
+            self.num_classes = inference.MERGED_CLASSES
+        inference.MergeTasksd.__init__ = eighteen_channels
+        inference.ArgMaxd.__call__ = lambda self, d: AsDiscreted(self.keys, argmax=True)(d)
+        case["overrides"]["retain_freed_memory"] = False
+    instrument(timers, case.get("flips"))
+    bundle = ROOT / "bundle"
+    t0, c0 = now(), time.process_time()
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"),
+                              meta_file=str(bundle / "configs" / "metadata.json"),
+                              logging_file=str(bundle / "configs" / "logging.conf"), workflow_type="infer",
+                              bundle_root=str(bundle), **case["overrides"])
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    total, cpu = now() - t0, time.process_time() - c0
+    phases = {k: timers[k] for k in ("weights", "load", "preprocess", "network", "merge_argmax", "resample_back",
+                                     "write")}
+    phases["tta_softmax"] = timers["predictor"] - timers["network"]
+    phases["stitching"] = timers["inferer"] - timers["predictor"]
+    phases["other"] = total - sum(phases.values())
+    return {"name": case["name"], "total_s": total, "cpu_s": cpu, "phases_s": {k: phases[k] for k in PHASES},
+            "non_network_fraction": 1 - timers["network"] / total, "peak_rss_bytes": peak_rss_bytes(),
+            "threads": torch.get_num_threads()}
+
+
+def e2e_cases(args, workdir: Path, converted: Path, ct: Path, sections: set) -> list[dict]:
+    out_dir = workdir / "out"
+    base = {"weights": str(converted), "output_dir": str(out_dir), "overwrite": True, "task": "liver"}
+    tta_flips = 2 if args.quick and args.tta_flips is None else args.tta_flips
+    baseline = not args.quick and not args.no_baseline
+    cases = []
+    if "e2e" in sections:
+        one = {"name": "1.5 mm CT 233x167x191, liver, no TTA", "overrides": {**base, "input": str(ct), "tta": False}}
+        if baseline:
+            cases.append({**one, "name": one["name"] + ", unoptimised", "unoptimised": True,
+                          "overrides": dict(one["overrides"])})
+        cases.append(one)
+        label = "all 8 flips" if tta_flips in (None, 8) else f"{tta_flips} of the 8 flips"
+        cases.append({"name": f"1.5 mm CT 233x167x191, liver, TTA ({label})", "flips": tta_flips,
+                      "overrides": {**base, "input": str(ct), "tta": True}})
+    if "tasks" in sections and args.full:
+        cases.append({"name": "1.5 mm CT, all 8 CT tasks at once, no TTA",
+                      "overrides": {**base, "input": str(ct), "task": "all", "tta": False}})
+        from uniseg_hub.tasks import tasks_in_group
+
+        for t in tasks_in_group("CT"):
+            cases.append({"name": f"1.5 mm CT, task {t.name} alone, no TTA", "group": "one_by_one",
+                          "overrides": {**base, "input": str(ct), "task": t.name, "tta": False}})
+    if "large" in sections and not args.quick:
+        big = large_ct(workdir, ct)
+        one = {"name": "512x512x300 CT (resampled real CT), liver, no TTA",
+               "overrides": {**base, "input": str(big), "tta": False}}
+        if baseline:
+            cases.append({**one, "name": one["name"] + ", unoptimised", "unoptimised": True,
+                          "overrides": dict(one["overrides"])})
+        cases.append(one)
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def table(results: dict) -> str:
+    rows: list[tuple[str, str, str]] = []
+    peak = results.get("peak", {}).get("gflops")
+    if peak:
+        rows.append(("matmul peak (float32 GEMM, best of start/end)", f"{peak:.1f} GFLOP/s",
+                     f"start {results['peak']['start']['gflops_best']:.1f}, end "
+                     f"{results['peak'].get('end', {}).get('gflops_best', float('nan')):.1f}; per CPU-second "
+                     f"{results['peak'].get('gflop_per_cpu_s', float('nan')):.1f}"))
+    for name, r in results.get("import", {}).items():
+        rows.append((name, f"{r['best_s'] * 1e3:.0f} ms", "fresh interpreter, best of 3"))
+    w = results.get("weights")
+    if w:
+        for name, r in w.items():
+            if name != "sizes_bytes":
+                rows.append((f"weights: {name}", f"{r['best_s'] * 1e3:.0f} ms", "best of 3"))
+    for r in results.get("forward", []) + results.get("peers", []):
+        if "skipped" in r:
+            rows.append((r["name"], "skipped", r["skipped"]))
+            continue
+        note = f"{r['gflop']:.0f} GFLOP, {r['gflops']:.1f} GFLOP/s"
+        if "fraction_of_peak" in r:
+            note += f" = {100 * r['fraction_of_peak']:.0f} % of peak"
+        if "fraction_of_peak_cpu" in r:
+            note += f" (per CPU-second: {100 * r['fraction_of_peak_cpu']:.0f} %; CPU {r['best_cpu_s']:.1f} s)"
+        rows.append((f"patch (192,192,64): {r['name']}", f"{r['best_s']:.2f} s", note))
+    t = results.get("tasks")
+    if t:
+        rows.append(("8 CT tasks on one window, all at once", f"{t['all_at_once']['best_s']:.1f} s",
+                     f"one by one {t['one_by_one']['best_s']:.1f} s ({t['one_by_one_how'].split(':')[0]}); "
+                     f"speed-up {t['speedup']:.2f}x"))
+        if "e2e" in t:
+            rows.append(("8 CT tasks end to end, all at once", f"{t['e2e']['all_s']:.1f} s",
+                         f"one by one {t['e2e']['one_by_one_s']:.1f} s; speed-up {t['e2e']['speedup']:.2f}x"))
+    for r in results.get("e2e", []):
+        p = r["phases_s"]
+        split = ", ".join(f"{k} {v:.1f}" for k, v in p.items())
+        rows.append((f"end to end: {r['name']}", f"{r['total_s']:.1f} s",
+                     f"outside the network {100 * r['non_network_fraction']:.1f} %; peak RSS "
+                     f"{gib(r['peak_rss_bytes'])}; split (s): {split}"))
+    width = max(len(r[0]) for r in rows) if rows else 10
+    vwidth = max(len(r[1]) for r in rows) if rows else 10
+    lines = [f"{'measurement'.ljust(width)}  {'value'.rjust(vwidth)}  notes", "-" * (width + vwidth + 60)]
+    lines += [f"{a.ljust(width)}  {b.rjust(vwidth)}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets, each as measured in this run (None where the run did not measure it)."""
+    out = []
+    forward = {r["name"]: r for r in results.get("forward", []) if "skipped" not in r}
+    ours = forward.get("UniSeg, optimised inference path (TaskPredictor)")
+    if ours and "fraction_of_peak" in ours:
+        cpu = ours.get("fraction_of_peak_cpu")
+        out.append({"target": "per-patch forward >= 80 % of the matmul peak",
+                    "measured": f"{100 * ours['fraction_of_peak']:.0f} % (wall clock)"
+                    + (f", {100 * cpu:.0f} % (per CPU-second)" if cpu else ""),
+                    "met": ours["fraction_of_peak"] >= 0.8})
+    e2e = [r for r in results.get("e2e", []) if "1.5 mm" in r["name"] and "unoptimised" not in r["name"]]
+    if e2e:
+        worst = max(r["non_network_fraction"] for r in e2e)
+        out.append({"target": "outside the network <= 10 % of end to end (1.5 mm CT runs)",
+                    "measured": f"{100 * worst:.1f} % (worst case)", "met": worst <= 0.10})
+    large = [r for r in results.get("e2e", []) if r["name"].startswith("512") and "unoptimised" not in r["name"]]
+    if large:
+        rss = large[0]["peak_rss_bytes"]
+        out.append({"target": "peak RSS < 6 GB, one task, 512x512x300 CT", "measured": f"{rss / 1e9:.2f} GB",
+                    "met": rss < 6e9})
+    t = results.get("tasks")
+    if t:
+        out.append({"target": "all-task mode >= 1.25x faster than task by task (one window)",
+                    "measured": f"{t['speedup']:.2f}x", "met": t["speedup"] >= 1.25})
+        if "e2e" in t:
+            out.append({"target": "all-task mode >= 1.25x faster than task by task (end to end)",
+                        "measured": f"{t['e2e']['speedup']:.2f}x", "met": t["e2e"]["speedup"] >= 1.25})
+    peers = [r for r in results.get("peers", []) if "skipped" not in r]
+    if ours and peers:
+        # same shape, but PlainConvUNet cannot express nnU-Net v1's 3x3x3 full-resolution decoder (v2 uses the
+        # encoder's 3x3x1 there, 17 % fewer FLOPs): compare time per FLOP, i.e. GFLOP/s, and report plain time too
+        worst = min(ours["gflops"] / r["gflops"] for r in peers)
+        out.append({"target": "no slower than DynUNet / PlainConvUNet of the same shape (GFLOP/s; time)",
+                    "measured": "; ".join(f"{r['name'].split(',')[0]} {r['gflops']:.1f} GFLOP/s, {r['best_s']:.1f} s "
+                                          f"for {r['gflop']:.0f} GFLOP" for r in peers)
+                    + f"; UniSeg {ours['gflops']:.1f} GFLOP/s, {ours['best_s']:.1f} s for {ours['gflop']:.0f} GFLOP",
+                    "met": worst >= 1.0})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--quick", action="store_true",
+                        help="one repeat without warm-up, TTA on 2 of the 8 flips, no 512x512x300 case")
+    parser.add_argument("--full", action="store_true",
+                        help="also run the 8 CT tasks one by one end to end (long: about 8 single-task runs)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed forward repeats (default 2, quick 1)")
+    parser.add_argument("--tta-flips", type=int, default=None, choices=range(1, 9),
+                        help="flips in the TTA end-to-end run (default all 8; quick 2)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the unoptimised end-to-end runs (1.5 mm and 512x512x300 CT)")
+    parser.add_argument("--measure-one-by-one", action="store_true",
+                        help="in 'tasks', run the eight single-task windows instead of 8 x the measured one")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "uniseg-hub-bench"),
+                        help="cache for the generated checkpoint, the large CT and outputs")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="where to write JSON")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--case-result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case:  # internal: one end-to-end case in this fresh process
+        Path(args.case_result).write_text(json.dumps(run_case(json.loads(args.case))))
+        return 0
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    started = now()
+    results: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+                     "loadavg_start": loadavg(), "device": device, "options": vars(args)}
+    peak = None
+    if "peak" in sections:
+        log("matmul peak ...")
+        results["peak"] = {"start": matmul_peak(device)}
+        peak = results["peak"]["start"]["gflops_best"]
+    if "import" in sections:
+        log("import time ...")
+        results["import"] = import_times()
+    if "weights" in sections:
+        log("weight loading ...")
+        results["weights"] = weight_loading(workdir)
+    if "forward" in sections:
+        log("forward pass, one patch ...")
+        results["forward"] = forward_section(args, peak, device)
+    if "peers" in sections:
+        log("peers ...")
+        results["peers"] = peers_section(args, peak, device)
+    if "tasks" in sections:
+        log("all tasks vs one by one, one window ...")
+        single = next((r for r in results.get("forward", []) if r["name"].startswith("UniSeg, optimised")), None)
+        results["tasks"] = tasks_section(args, single, device)
+    if sections & {"e2e", "large"} or ("tasks" in sections and args.full):
+        from uniseg_hub.sample_data import fetch_sample
+
+        _, converted = full_size_checkpoint(workdir)
+        ct = fetch_sample("ct_torso_1.5mm")
+        threads = args.threads or torch.get_num_threads()
+        results["e2e"] = []
+        one_by_one = []
+        for case in e2e_cases(args, workdir, converted, ct, sections):
+            log(f"end to end: {case['name']} ...")
+            r = run_case_in_subprocess(case, threads)
+            log(f"  {r['total_s']:.1f} s, outside the network {100 * r['non_network_fraction']:.1f} %, "
+                f"peak RSS {gib(r['peak_rss_bytes'])}")
+            (one_by_one if case.get("group") == "one_by_one" else results["e2e"]).append(r)
+        if one_by_one:
+            all_run = next(r for r in results["e2e"] if "all 8 CT tasks" in r["name"])
+            total = sum(r["total_s"] for r in one_by_one)
+            results["tasks"]["e2e"] = {"all_s": all_run["total_s"], "one_by_one_s": total,
+                                       "speedup": total / all_run["total_s"], "runs": one_by_one}
+    if "peak" in sections:
+        results["peak"]["end"] = matmul_peak(device)
+        results["peak"]["gflops"] = max(results["peak"]["start"]["gflops_best"],
+                                        results["peak"]["end"]["gflops_best"])
+        results["peak"]["gflop_per_cpu_s"] = max(results["peak"]["start"]["gflop_per_cpu_s"],
+                                                 results["peak"]["end"]["gflop_per_cpu_s"])
+        for r in results.get("forward", []) + results.get("peers", []):
+            if "gflops" in r:
+                r["fraction_of_peak"] = r["gflops"] / results["peak"]["gflops"]
+                r["fraction_of_peak_cpu"] = r["gflop_per_cpu_s"] / results["peak"]["gflop_per_cpu_s"]
+    results["loadavg_end"] = loadavg()
+    results["wall_s"] = now() - started
+    results["targets"] = targets(results)
+
+    text = table(results)
+    print(text)
+    print()
+    for t in results["targets"]:
+        print(f"{'MET  ' if t['met'] else 'UNMET'}  {t['target']}: {t['measured']}")
+    print(f"\nwall time {results['wall_s'] / 60:.1f} min; load average start {results['loadavg_start']}, end "
+          f"{results['loadavg_end']}; {results['machine']['cpu']}, {results['machine']['torch_threads']} threads")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
