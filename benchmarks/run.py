@@ -19,7 +19,8 @@ What it measures (sections, in this order; ``--sections`` picks some):
   forward and the inference path ``TaskPredictor`` uses, GFLOP counted with ``torch.utils.flop_counter``, GFLOP/s
   and the fraction of the matmul peak; on CUDA also with float16 autocast;
 * ``peers``: the same architecture built with MONAI ``DynUNet`` and nnU-Net v2's ``dynamic_network_architectures``
-  ``PlainConvUNet`` (skipped with a note when that package is not installed), same patch, same measurements;
+  ``PlainConvUNet`` (skipped with a note when that package is not installed), same patch, same measurements, run
+  interleaved with UniSeg's (every repeat runs all variants once, in turn);
 * ``tasks``: all eight CT tasks at once (encoder shared) on one patch, against eight single-task patches (with
   ``--full`` also end to end on the real CT, each task as its own bundle run);
 * ``e2e``: the bundle's ``inference.json`` on the real 1.5 mm TotalSegmentator torso CT (233x167x191), liver task,
@@ -325,36 +326,36 @@ def optimised():
     retain_freed_memory()
 
 
-def forward_section(args, peak: float | None, device: str = "cpu") -> list[dict]:
+def forward_section(args, peak: float | None, device: str = "cpu", peers: bool = True) -> tuple[list, list]:
+    """UniSeg unoptimised and optimised, and (with ``peers``) the peers, interleaved run by run in one loop, so
+    that a change of machine load hits every variant alike. Returns (UniSeg rows, peer rows).
+
+    The peers run as their users run them (eager, inference_mode), in the same process state as the optimised path
+    (freed memory retained: a process setting that helps any network, so it is not counted as UniSeg's own).
+    """
     import torch
 
     x = torch.randn(1, 1, *PATCH, device=device)
     model = uniseg_model().to(device)
-    variants = [("UniSeg, unoptimised (plain eager path, default malloc)", model, plain_call, unoptimised, False,
-                 False),
-                ("UniSeg, optimised inference path (TaskPredictor)", model, predictor_call, optimised, False,
-                 not args.quick)]
+    ours = [("UniSeg, unoptimised (plain eager path, default malloc)", model, plain_call, unoptimised, False,
+             False),
+            ("UniSeg, optimised inference path (TaskPredictor)", model, predictor_call, optimised, False,
+             not args.quick)]
     if device == "cuda":
-        variants.append(("UniSeg, inference path, fp16 autocast", model, predictor_call, optimised, True, True))
-    return forward_cases(variants, x, args.repeats, peak, device)
-
-
-def peers_section(args, peak: float | None, device: str = "cpu") -> list[dict]:
-    """The peers as their users run them (eager, inference_mode), in the same process state as the optimised path
-    (freed memory retained: a process setting that helps any network, so it is not counted as UniSeg's own)."""
-    import torch
-
-    x = torch.randn(1, 1, *PATCH, device=device)
-    variants = [("MONAI DynUNet, same stages", dynunet_model().to(device), plain_call, optimised, False, False)]
-    rows = []
-    try:
-        variants.append(("nnU-Net v2 PlainConvUNet, same stages", plainconvunet_model().to(device), plain_call,
-                         optimised, False, False))
-    except ImportError as e:
-        rows.append({"name": "nnU-Net v2 PlainConvUNet, same stages",
-                     "skipped": f"dynamic_network_architectures not installed ({e}); "
-                                "pip install --no-deps dynamic-network-architectures"})
-    return forward_cases(variants, x, args.repeats, peak, device) + rows
+        ours.append(("UniSeg, inference path, fp16 autocast", model, predictor_call, optimised, True, True))
+    others, skipped = [], []
+    if peers:
+        others.append(("MONAI DynUNet, same stages", dynunet_model().to(device), plain_call, optimised, False,
+                       not args.quick))
+        try:
+            others.append(("nnU-Net v2 PlainConvUNet, same stages", plainconvunet_model().to(device), plain_call,
+                           optimised, False, not args.quick))
+        except ImportError as e:
+            skipped.append({"name": "nnU-Net v2 PlainConvUNet, same stages",
+                            "skipped": f"dynamic_network_architectures not installed ({e}); "
+                                       "pip install --no-deps dynamic-network-architectures"})
+    rows = forward_cases(ours + others, x, args.repeats, peak, device)
+    return rows[: len(ours)], rows[len(ours):] + skipped
 
 
 def tasks_section(args, single_task_window: dict | None, device: str = "cpu") -> dict:
@@ -706,12 +707,12 @@ def main(argv=None) -> int:
     if "weights" in sections:
         log("weight loading ...")
         results["weights"] = weight_loading(workdir)
-    if "forward" in sections:
-        log("forward pass, one patch ...")
-        results["forward"] = forward_section(args, peak, device)
-    if "peers" in sections:
-        log("peers ...")
-        results["peers"] = peers_section(args, peak, device)
+    if sections & {"forward", "peers"}:
+        log("forward pass, one patch" + (", with the peers interleaved" if "peers" in sections else "") + " ...")
+        ours, peers = forward_section(args, peak, device, peers="peers" in sections)
+        results["forward"] = ours
+        if "peers" in sections:
+            results["peers"] = peers
     if "tasks" in sections:
         log("all tasks vs one by one, one window ...")
         single = next((r for r in results.get("forward", []) if r["name"].startswith("UniSeg, optimised")), None)
