@@ -1,10 +1,18 @@
 #!/usr/bin/env python
 """UniSeg speed and memory benchmark: measures everything in one run, prints one table and writes JSON.
 
-    python benchmarks/run.py                 # the default run (see benchmarks/README-performance.md for its length)
-    python benchmarks/run.py --quick         # TTA on 2 of the 8 flips, one repeat, no 512x512x300 case
-    python benchmarks/run.py --full          # also: all CT tasks one by one end to end, and full TTA everywhere
-    python benchmarks/run.py --sections peak,forward --repeats 3
+    python benchmarks/run.py                 # the default run: about 20 min on 2 CPU cores (about 15 s per patch)
+    python benchmarks/run.py --tta-flips 2   # TTA on 2 of the 8 flips: about 14 min (the recorded run)
+    python benchmarks/run.py --quick         # 1 repeat, 2 flips, no unoptimised or 512x512x300 runs: ~8 min
+    python benchmarks/run.py --full          # also the 8 CT tasks one by one end to end (about 10 min more)
+    python benchmarks/run.py --sections peak,forward,peers --repeats 3
+
+The default run does, in order: matmul peak; import times; weight loading; the forward pass of UniSeg (unoptimised
+and optimised) interleaved with DynUNet and PlainConvUNet, 2 timed repeats each (after one warm-up, except for the
+unoptimised path, which is cold by design); all 8 CT tasks on one window;
+the bundle on the 1.5 mm CT for liver (unoptimised and optimised without TTA, optimised with all 8
+flips) and on the 512x512x300 CT (unoptimised and optimised, without TTA); the matmul peak again. About 70
+full-size patch forwards in all: about 20 min at 15 s per patch.
 
 What it measures (sections, in this order; ``--sections`` picks some):
 
@@ -658,7 +666,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--quick", action="store_true",
-                        help="one repeat without warm-up, TTA on 2 of the 8 flips, no 512x512x300 case")
+                        help="one repeat without warm-up, TTA on 2 of the 8 flips, no unoptimised end-to-end runs, no "
+                             "512x512x300 case")
     parser.add_argument("--full", action="store_true",
                         help="also run the 8 CT tasks one by one end to end (long: about 8 single-task runs)")
     parser.add_argument("--repeats", type=int, default=None, help="timed forward repeats (default 2, quick 1)")

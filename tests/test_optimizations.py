@@ -12,9 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uniseg_hub.inference import ArgMaxd, MergeTasksd, TaskPredictor
 import uniseg_hub.network as network
-from uniseg_hub.inference import _glibc_default_malloc, release_freed_memory, retain_freed_memory
+from uniseg_hub.inference import (
+    ArgMaxd,
+    MergeTasksd,
+    TaskPredictor,
+    _glibc_default_malloc,
+    release_freed_memory,
+    retain_freed_memory,
+)
 from uniseg_hub.network import UniSeg, UniSegBackbone, _upsample_concat, fast_inference
 from uniseg_hub.tasks import HEAD_CHANNELS, get_task, tasks_in_group
 
