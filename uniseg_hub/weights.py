@@ -206,8 +206,8 @@ def load_checked(
         problems.append(f"{len(misshaped)} tensors with the wrong shape (checkpoint != model): {_listing(misshaped)}")
     if problems:
         raise IncompatibleCheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
-    result = module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    assert set(result.missing_keys) == set(missing) and not result.unexpected_keys
+    # strict: every module tensor is given, the allowed-missing ones keep their fresh initialisation
+    module.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}}, strict=True)
     return LoadReport(loaded=[k for k in own if k in state], skipped=unexpected, initialised=missing)
 
 
