@@ -318,19 +318,19 @@ def predictor_call(model, x):
 
 def unoptimised():
     """Process state of the unoptimised path: the network's plain path, glibc's default malloc."""
-    from uniseg_hub import network
+    from uniseg_hub import fast_path
     from uniseg_hub.inference import _glibc_default_malloc
 
-    network._FAST_INFERENCE = False
+    fast_path._ENABLED = False
     _glibc_default_malloc()
 
 
 def optimised():
     """Process state of the optimised path: the network's fast path, freed memory retained (as the bundle does)."""
-    from uniseg_hub import network
+    from uniseg_hub import fast_path
     from uniseg_hub.inference import retain_freed_memory
 
-    network._FAST_INFERENCE = True
+    fast_path._ENABLED = True
     retain_freed_memory()
 
 
@@ -498,9 +498,9 @@ def run_case(case: dict) -> dict:
     if case.get("unoptimised"):  # the pipeline before the optimisations (benchmarks/NOTES.md)
         from monai.transforms import AsDiscreted
 
-        from uniseg_hub import inference, network
+        from uniseg_hub import fast_path, inference
 
-        network._FAST_INFERENCE = False
+        fast_path._ENABLED = False
         init = inference.MergeTasksd.__init__
 
         def eighteen_channels(self, *a, **k):  # the former merged one-hot: all 18 labels

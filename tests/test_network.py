@@ -45,7 +45,7 @@ def test_eval_returns_full_resolution_logits_and_training_returns_deep_supervisi
     assert [tuple(o.shape[2:]) for o in levels] == [(64, 64, 32), (32, 32, 32), (16, 16, 16), (8, 8, 8), (4, 4, 4)]
     assert all(o.shape[:2] == (1, 4) for o in levels)
     with torch.no_grad():
-        torch.testing.assert_close(levels[0], model.eval()(x, 0))
+        torch.testing.assert_close(levels[0], model.eval()(x, 0), rtol=1e-4, atol=1e-4)  # eval: the CPU fast path
 
 
 @pytest.mark.parametrize("channels, task", [(1, "liver"), (1, 8), (2, "autopet"), (4, "brats")])

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import uniseg_hub.network as network
+import uniseg_hub.fast_path as fast_path
+from uniseg_hub.fast_path import fast_inference, instance_norm_act_, upsample_concat
 from uniseg_hub.inference import (
     ArgMaxd,
     MergeTasksd,
@@ -21,7 +22,7 @@ from uniseg_hub.inference import (
     release_freed_memory,
     retain_freed_memory,
 )
-from uniseg_hub.network import UniSeg, UniSegBackbone, _upsample_concat, fast_inference
+from uniseg_hub.network import UniSeg, UniSegBackbone
 from uniseg_hub.tasks import HEAD_CHANNELS, get_task, tasks_in_group
 
 FEATURES = (8, 16, 32, 32, 32, 32)
@@ -37,6 +38,13 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if p.ndim == 1:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5 + 0.2)
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def small_maps_channels_last(monkeypatch):
+    """The small test maps take both layouts of the fast path, as the full-size ones do: channels-last for the
+    levels of at least 4096 voxels (64x64x32 .. 16x16x16), the default layout below."""
+    monkeypatch.setattr(fast_path, "CHANNELS_LAST_MIN_VOXELS", 4096)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +65,14 @@ def fast(fn, *args):
 
 def test_fast_path_is_taken_only_for_cpu_inference(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(network, "_upsample_concat", lambda *a: calls.append(1) or _upsample_concat(*a))
+    monkeypatch.setattr(fast_path, "upsample_concat", lambda *a: calls.append(1) or upsample_concat(*a))
     x = torch.randn(1, 1, *PATCH)
     with torch.no_grad():
-        model(x, 0)
+        skips = model.encode(x)
+        logits = model.decode(skips, 0)
     assert len(calls) == 5  # every decoder level
+    assert fast_path.is_channels_last(skips[0])  # the fast path's layout (PyTorch may pick another for tiny maps)
+    assert logits.is_contiguous()  # and PyTorch's default layout for the caller
     with torch.inference_mode():
         model(x, 0)
     assert len(calls) == 10
@@ -70,7 +81,8 @@ def test_fast_path_is_taken_only_for_cpu_inference(model, monkeypatch):
     model(x, 0)  # gradients on: the plain path
     assert len(calls) == 10
     with torch.no_grad():
-        assert fast_inference is not None and network._FAST_INFERENCE
+        assert not fast_path.is_channels_last(copy.deepcopy(model).double().encode(x.double())[0])  # float64: plain
+        assert fast_path._ENABLED
 
 
 def test_universal_model_matches_the_plain_path_and_float64(model):
@@ -119,19 +131,40 @@ def test_training_is_unchanged(model):
 
 
 @pytest.mark.parametrize("stride", [(2, 2, 1), (2, 2, 2), (1, 2, 2)])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_transposed_convolution_as_one_matrix_product(stride, channels_last):
+@pytest.mark.parametrize("input_layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("output_channels_last", [False, True])
+def test_transposed_convolution_as_one_matrix_product(stride, input_layout, output_channels_last, monkeypatch):
+    monkeypatch.setattr(fast_path, "CHANNELS_LAST_MIN_VOXELS", 1 if output_channels_last else 10**9)
     torch.manual_seed(3)
     up = torch.nn.ConvTranspose3d(12, 6, stride, stride=stride, bias=False)
-    x = torch.randn(2, 12, 5, 6, 7)
+    x = torch.randn(2, 12, 5, 6, 7).contiguous(memory_format=input_layout)
     skip = torch.randn(2, 6, *(n * s for n, s in zip(x.shape[2:], stride)))
-    if channels_last:
-        x, skip = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, skip))
     with torch.no_grad():
         expected = torch.cat([up(x), skip], 1)
-        out = _upsample_concat(up, x, skip)
+        out = upsample_concat(up, x, skip)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    assert out.is_contiguous()
+    assert fast_path.is_channels_last(out) == output_channels_last and out.is_contiguous() != output_channels_last
+
+
+@pytest.mark.parametrize("mean", [0.0, 3.0, 300.0])
+def test_channels_last_instance_norm_is_as_accurate_as_instance_norm(mean, monkeypatch):
+    """Large |mean| / std is where a one-pass variance (PyTorch's channels-last group/batch norm) loses digits."""
+    monkeypatch.setattr(fast_path, "CHUNK_ELEMENTS", 1000)  # many chunks and a short last one
+    g = torch.Generator().manual_seed(6)
+    norm = torch.nn.InstanceNorm3d(5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(5, generator=g))  # negative scales too
+        norm.bias.copy_(torch.randn(5, generator=g))
+    x = torch.randn(2, 5, 13, 11, 7, generator=g, dtype=torch.float64) * 0.5 + mean
+    x[:, 2] *= 40  # channels of different scale
+    exact = F.leaky_relu(F.instance_norm(x, weight=norm.weight.double(), bias=norm.bias.double()), 0.01)
+    with torch.no_grad():
+        reference = F.leaky_relu(norm(x.float()), 0.01)
+        out = instance_norm_act_(x.float().contiguous(memory_format=torch.channels_last_3d), norm, 0.01)
+    assert fast_path.is_channels_last(out)
+    error_reference = (reference.double() - exact).abs().max().item()
+    error = (out.double() - exact).abs().max().item()
+    assert error <= 4 * error_reference + 1e-6, (error, error_reference)
 
 
 def test_retaining_freed_memory_is_harmless():
@@ -219,7 +252,6 @@ def test_bundle_label_maps_equal_the_unoptimised_pipeline(converted_small, real_
     from monai.bundle import run
 
     import uniseg_hub.inference as inference
-    import uniseg_hub.network as network
 
     bundle = Path(__file__).resolve().parents[1] / "bundle"
 
@@ -237,7 +269,7 @@ def test_bundle_label_maps_equal_the_unoptimised_pipeline(converted_small, real_
         self.num_classes = 18
 
     monkeypatch.setattr(inference.MergeTasksd, "__init__", eighteen_channels)
-    monkeypatch.setattr(network, "_FAST_INFERENCE", False)
+    monkeypatch.setattr(fast_path, "_ENABLED", False)
     reference = predict(tmp_path / "reference")
     assert optimised.shape == reference.shape
     assert (optimised != reference).mean() < 1e-3  # at most a rare exact tie decided by rounding

@@ -19,25 +19,26 @@ Conv biases: every convolution of the official model has a bias and feeds an Ins
 biases have no effect on any output. They are kept, so that parameter counts and state dicts match the official
 ones tensor for tensor (32,114,381 parameters, 115 tensors).
 
-CPU inference fast path (``fast_inference``, on by default): with gradients off on a CPU tensor, each transposed
-convolution (kernel = stride, so its output blocks do not overlap) is one matrix product written straight into the
-buffer of the skip concatenation, instead of PyTorch's generic deconvolution followed by ``torch.cat``. The result
-is the same (bit-identical in the tests); training, CUDA, tracing and export take the plain path.
-``benchmarks/NOTES.md`` has the measurements, including what did not help (channels-last).
+CPU inference: with gradients off, float32 CPU tensors take ``uniseg_hub.fast_path`` (channels-last feature maps,
+a fused channels-last instance norm + LeakyReLU, transposed convolutions as one matrix product), which gives the
+same results within float32 tolerance in less time; training, CUDA, tracing and export take the plain eager path.
+On that path the encoder's feature maps are channels-last tensors (same shapes and values); the logits are returned
+in PyTorch's default layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks.dynunet_block import get_conv_layer, get_padding
+from monai.networks.blocks import Convolution
+from monai.networks.blocks.dynunet_block import get_padding
 from monai.networks.layers.factories import Conv
 from torch import nn
 
+from . import fast_path
 from .errors import InputShapeError, UnknownTaskError
 from .tasks import HEAD_CHANNELS, TASKS, get_task
 
@@ -50,64 +51,27 @@ NEGATIVE_SLOPE = 0.01
 
 Triple = Sequence[int]
 
-_FAST_INFERENCE = True
 
+class ConvBlock(Convolution):
+    """MONAI's conv -> InstanceNorm -> LeakyReLU block (same modules and state-dict keys) whose norm and activation
+    run as one in-place channels-last kernel on the CPU inference fast path."""
 
-@contextlib.contextmanager
-def fast_inference(enabled: bool = True) -> Iterator[None]:
-    """Switch the CPU inference fast path (module docstring) on or off inside a ``with`` block; on by default.
-
-    ``with fast_inference(False):`` runs the plain eager path, e.g. to compare against it.
-    """
-    global _FAST_INFERENCE
-    previous, _FAST_INFERENCE = _FAST_INFERENCE, bool(enabled)
-    try:
-        yield
-    finally:
-        _FAST_INFERENCE = previous
-
-
-def _fast(x: torch.Tensor) -> bool:
-    """Whether ``x`` takes the fast path: CPU inference, not traced, compiled or exported."""
-    if not _FAST_INFERENCE or torch.is_grad_enabled() or x.device.type != "cpu":
-        return False
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
-                or torch.onnx.is_in_onnx_export())
-
-
-def _upsample_concat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([up(x), skip], 1)`` for a transposed conv whose kernel equals its stride (no bias, no padding):
-    every input voxel becomes one non-overlapping (C_out, sx, sy, sz) block, so the whole layer is one matrix
-    product per sample, (C_out*sx*sy*sz, C_in) @ (C_in, X*Y*Z), scattered straight into the concatenation buffer."""
-    batch, c_in, *size = x.shape
-    c_out, stride = up.out_channels, tuple(up.stride)
-    out = torch.empty((batch, c_out + skip.shape[1], *(n * s for n, s in zip(size, stride))), dtype=x.dtype,
-                      device=x.device)
-    weight = up.weight.reshape(c_in, -1).t().to(x.dtype)  # (C_out*sx*sy*sz, C_in)
-    for b in range(batch):
-        blocks = torch.mm(weight, x[b].reshape(c_in, -1))  # (C_out*sx*sy*sz, X*Y*Z)
-        blocks = blocks.view(c_out, *stride, *size).permute(0, 4, 1, 5, 2, 6, 3)  # C_out X sx Y sy Z sz
-        out[b, :c_out].unflatten(3, (size[2], stride[2])).unflatten(2, (size[1], stride[1])) \
-            .unflatten(1, (size[0], stride[0])).copy_(blocks)
-    out[:, c_out:].copy_(skip)
-    return out
-
-
-def _is_block_upsample(up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> bool:
-    return (isinstance(up, nn.ConvTranspose3d) and up.bias is None and up.groups == 1
-            and tuple(up.kernel_size) == tuple(up.stride) and not any(up.padding) and not any(up.output_padding)
-            and all(d == 1 for d in up.dilation)
-            and list(skip.shape[2:]) == [n * s for n, s in zip(x.shape[2:], up.stride)])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fast_path.active(x):
+            return super().forward(x)
+        y = self.conv(fast_path.to_layout(x))
+        if fast_path.is_channels_last(y) and not y.is_contiguous():
+            return fast_path.instance_norm_act_(y, self.adn.N, self.adn.A.negative_slope)
+        return self.adn(y)
 
 
 def conv_block(in_channels: int, out_channels: int, kernel_size: Triple, stride: Triple = (1, 1, 1)) -> nn.Module:
     """Conv3d (with bias) -> InstanceNorm3d(affine, eps 1e-5) -> LeakyReLU(0.01), 'same' padding for stride 1."""
-    return get_conv_layer(
-        3, in_channels, out_channels, kernel_size, stride,
+    return ConvBlock(
+        3, in_channels, out_channels, strides=stride, kernel_size=kernel_size,
         act=("leakyrelu", {"negative_slope": NEGATIVE_SLOPE, "inplace": True}),
         norm=("instance", {"affine": True}),
-        bias=True, conv_only=False,
+        bias=True, conv_only=False, padding=get_padding(kernel_size, stride),
     )
 
 
@@ -174,6 +138,11 @@ class MultiChannelStem(nn.Module):
                 f"input has {x.shape[1]} channels, but this model has stems for {list(self.in_channels)} channels "
                 "only; pass an image with one of those channel counts"
             )
+        if fast_path.active(x):
+            y = fast_path.to_layout(self.convs[key](fast_path.to_layout(x)))  # 1-channel input: ambiguous layout
+            if fast_path.is_channels_last(y) and not y.is_contiguous():
+                return fast_path.instance_norm_act_(y, self.norm, self.act.negative_slope)
+            return self.act(self.norm(y))
         return self.act(self.norm(self.convs[key](x)))
 
 
@@ -308,13 +277,13 @@ class UNetDecoder(nn.Module):
         outputs = []
         for u, (up, block, head) in enumerate(zip(self.upsamples, self.blocks, self.heads)):
             skip = skips[-(u + 2)]
-            if _fast(x) and _is_block_upsample(up, x, skip):
-                x = block(_upsample_concat(up, x, skip))
+            if fast_path.active(x) and fast_path.is_block_upsample(up, x, skip):
+                x = block(fast_path.upsample_concat(up, x, skip))
             else:
                 x = block(torch.cat([up(x), skip], 1))
             if all_levels or u == len(self.heads) - 1:
                 outputs.append(head(x))
-        return outputs[::-1] if all_levels else outputs[-1]
+        return outputs[::-1] if all_levels else outputs[-1].contiguous()
 
 
 def _check_divisible(spatial: Sequence[int], stride: Sequence[int]) -> None:

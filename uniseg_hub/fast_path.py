@@ -1,0 +1,141 @@
+"""The CPU inference fast path of the UniSeg networks: same results (float32 tolerance), less time.
+
+With gradients off, a float32 CPU tensor, and no tracing, compilation or export (``active``), the networks of
+``uniseg_hub.network`` run:
+
+* **channels-last feature maps** (``torch.channels_last_3d``) at the large levels: oneDNN then uses its brgemm 3-D
+  convolutions, up to 1.3x faster there than its kernels for PyTorch's default layout; the small, deep levels stay
+  in the default layout, where oneDNN's direct kernels are as fast or faster (``CHANNELS_LAST_MIN_VOXELS``);
+* **an accurate channels-last instance norm fused with the LeakyReLU** (``instance_norm_act_``): PyTorch has no
+  channels-last instance norm on CPU (``F.instance_norm`` copies to the default layout and back), and its
+  channels-last ``group_norm``/``batch_norm`` kernels compute the variance in one pass as E[x^2] - E[x]^2, which
+  loses up to 1e-3 when |mean| >> std. Here the statistics are merged from cache-sized chunks, each centred on its
+  own mean (Chan et al.'s pairwise formula, in float64), and the affine map and activation are applied per chunk,
+  in place, while the chunk is in cache;
+* **transposed convolutions as one matrix product** (``upsample_concat``): kernel = stride means no overlap, so
+  the layer is one GEMM written straight into the skip concatenation's buffer, instead of a generic deconvolution
+  followed by ``torch.cat``.
+
+Training, CUDA, other dtypes and export take the plain eager path; ``fast_inference(False)`` switches the fast path
+off (e.g. to compare against it). ``benchmarks/NOTES.md`` has the measurements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHANNELS_LAST = torch.channels_last_3d
+CHUNK_ELEMENTS = 1 << 20
+"""Elements per chunk of the instance norm (4 MB of float32): large enough that per-op overhead is small, small
+enough to stay in the CPU's L2/L3 cache between the chunk's operations."""
+
+CHANNELS_LAST_MIN_VOXELS = 1 << 16
+"""Feature maps with at least this many voxels per channel run channels-last (in the official model: the levels at
+(192, 192, 64), (96, 96, 64) and (48, 48, 32)); measured per convolution in ``benchmarks/NOTES.md``."""
+
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def fast_inference(enabled: bool = True) -> Iterator[None]:
+    """Switch the CPU inference fast path on or off inside a ``with`` block; on by default.
+
+    ``with fast_inference(False):`` runs the plain eager path, e.g. to compare against it.
+    """
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED = previous
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the fast path: float32 CPU inference, not traced, compiled or exported."""
+    if not _ENABLED or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+                or torch.onnx.is_in_onnx_export())
+
+
+def layout(x: torch.Tensor) -> torch.memory_format:
+    """The fast path's memory format for a feature map of ``x``'s size: channels-last for large maps."""
+    return CHANNELS_LAST if x[0, 0].numel() >= CHANNELS_LAST_MIN_VOXELS else torch.contiguous_format
+
+
+def to_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the fast path's layout for its size (a copy only when it is not in that layout already)."""
+    return x.contiguous(memory_format=layout(x))
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.ndim == 5 and x.is_contiguous(memory_format=CHANNELS_LAST)
+
+
+def instance_norm_act_(x: torch.Tensor, norm: nn.InstanceNorm3d, negative_slope: float) -> torch.Tensor:
+    """``leaky_relu(norm(x), negative_slope)`` in place on a channels-last (B, C, x, y, z) float tensor.
+
+    Statistics per sample and channel over the spatial axes, biased variance, ``norm.eps`` and ``norm.weight`` /
+    ``norm.bias`` as ``nn.InstanceNorm3d(affine=True)``; as accurate as ``F.instance_norm`` (tested against float64).
+    """
+    channels = x.shape[1]
+    rows = max(1, CHUNK_ELEMENTS // channels)
+    for sample in x.permute(0, 2, 3, 4, 1).view(x.shape[0], -1, channels):  # (voxels, C) views, never a copy
+        chunks = sample.split(rows)
+        scratch = torch.empty_like(chunks[0])
+        counts = torch.tensor([c.shape[0] for c in chunks], dtype=torch.float64).unsqueeze(1)
+        means = torch.empty(len(chunks), channels, dtype=torch.float64)
+        squares = torch.empty_like(means)  # per chunk: sum of squared deviations from the chunk's mean
+        for i, chunk in enumerate(chunks):
+            mean = chunk.mean(0)
+            centred = torch.sub(chunk, mean, out=scratch[: chunk.shape[0]])
+            means[i], squares[i] = mean, centred.square_().sum(0)
+        mean = (counts * means).sum(0) / sample.shape[0]
+        variance = (squares.sum(0) + (counts * (means - mean) ** 2).sum(0)) / sample.shape[0]
+        scale = torch.rsqrt(variance + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight.double()
+        shift = -mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias.double()
+        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        for chunk in chunks:
+            F.leaky_relu_(chunk.mul_(scale).add_(shift), negative_slope)
+    return x
+
+
+def is_block_upsample(up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> bool:
+    """Whether ``up`` is a transposed conv that ``upsample_concat`` can replace for these inputs."""
+    return (isinstance(up, nn.ConvTranspose3d) and up.bias is None and up.groups == 1
+            and tuple(up.kernel_size) == tuple(up.stride) and not any(up.padding) and not any(up.output_padding)
+            and all(d == 1 for d in up.dilation)
+            and list(skip.shape[2:]) == [n * s for n, s in zip(x.shape[2:], up.stride)])
+
+
+def upsample_concat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([up(x), skip], 1)`` for a transposed conv whose kernel equals its stride (``is_block_upsample``).
+
+    Every input voxel becomes one non-overlapping (C_out, sx, sy, sz) block, so the layer is one matrix product
+    per sample, (voxels, C_in) @ (C_in, sx*sy*sz*C_out), scattered straight into the concatenation buffer. The
+    result, (B, C_out + C_skip, *skip size), has the fast path's layout for its size (``layout``).
+    """
+    batch, c_in, *size = x.shape
+    c_out, stride = up.out_channels, tuple(up.stride)
+    out = torch.empty((batch, c_out + skip.shape[1], *skip.shape[2:]), dtype=x.dtype, device=x.device,
+                      memory_format=layout(skip))
+    weight = up.weight.to(x.dtype).permute(0, 2, 3, 4, 1).reshape(c_in, -1)  # (C_in, sx*sy*sz*C_out)
+    for b in range(batch):
+        voxels = x[b].flatten(1).t() if x.is_contiguous() else x[b].permute(1, 2, 3, 0).reshape(-1, c_in)
+        blocks = torch.mm(voxels, weight).view(*size, *stride, c_out)  # X Y Z sx sy sz C_out
+        target = out[b, :c_out].permute(1, 2, 3, 0)  # (X*sx, Y*sy, Z*sz, C_out) view of the buffer
+        for axis in (2, 1, 0):
+            target = target.unflatten(axis, (size[axis], stride[axis]))  # -> X sx Y sy Z sz C_out
+        target.copy_(blocks.permute(0, 3, 1, 4, 2, 5, 6))
+    out[:, c_out:].copy_(skip)
+    return out
