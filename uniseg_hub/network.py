@@ -80,7 +80,7 @@ def init_he(module: nn.Module) -> None:
 
     Apply with ``net.apply(init_he)``; the prompt keeps its N(0, 1) initialisation, as in the official model.
     """
-    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)) and not module.weight.is_meta:  # meta: no values
         nn.init.kaiming_normal_(module.weight, a=NEGATIVE_SLOPE)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -125,10 +125,10 @@ def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretra
                                     local_files_only=local_files_only, weights_path=weights_path, manifest=manifest)
     arch, kwargs = config["architecture"], dict(config["config"])
     if num_classes is None or (arch == "UniSegBackbone" and kwargs["num_classes"] == num_classes):
-        model = build_network(config)
+        model = build_network(config, uninitialised=state is not None)  # a strict load overwrites every tensor
         if hasattr(model.decoder, "deep_supervision"):
             model.decoder.deep_supervision = deep_supervision
-        report = _random(model) if state is None else load_checked(model, state, source=label)
+        report = _random(model) if state is None else load_checked(model, state, source=label, assign=True)
         return _finish(model, report, config, device)
     backbone_kwargs = {k: kwargs[k] for k in ("in_channels", "features", "kernel_sizes", "strides")}
     model = UniSegBackbone(num_classes, deep_supervision=deep_supervision, **backbone_kwargs)
