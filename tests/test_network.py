@@ -158,3 +158,36 @@ def test_task_table_is_consistent_with_the_official_head():
     assert [t.num_channels for t in TASKS] == [1] * 9 + [4, 2]
     merged = [v for t in TASKS for v in t.merged_labels]
     assert merged == list(range(1, 18))
+
+
+@pytest.mark.parametrize("kernel, stride", [((3, 3, 1), (1, 1, 1)), ((3, 3, 3), (2, 2, 1)), ((3, 3, 3), (2, 2, 2))])
+def test_conv_block_equals_monais_convolution_block(kernel, stride):
+    """The block is built from torch.nn (no MONAI import), with MONAI ``Convolution``'s modules, keys and outputs."""
+    from monai.networks.blocks.dynunet_block import get_conv_layer
+
+    from uniseg_hub.fast_path import fast_inference
+    from uniseg_hub.network import ConvBlock
+
+    ours = ConvBlock(3, 5, kernel, stride)
+    monai_block = get_conv_layer(3, 3, 5, kernel, stride, act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+                                 norm=("instance", {"affine": True}), bias=True, conv_only=False)
+    assert list(ours.state_dict()) == list(monai_block.state_dict())
+    assert str(ours.conv) == str(monai_block.conv)
+    assert [str(m) for m in ours.adn] == [str(m) for m in monai_block.adn]
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.uniform_(-1, 1)
+    monai_block.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 12, 10, 8)
+    with torch.no_grad(), fast_inference(False):
+        torch.testing.assert_close(ours(x), monai_block(x), rtol=0, atol=0)
+
+
+def test_importing_the_network_and_loaders_does_not_import_monai():
+    import subprocess
+    import sys
+
+    code = ("import sys, uniseg_hub; uniseg_hub.UniSeg, uniseg_hub.load_encoder, uniseg_hub.load_model; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('monai', 'ignite', 'nibabel')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

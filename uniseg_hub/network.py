@@ -29,13 +29,11 @@ in PyTorch's default layout.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
-from monai.networks.blocks.dynunet_block import get_padding
-from monai.networks.layers.factories import Conv
 from torch import nn
 
 from . import fast_path
@@ -52,27 +50,36 @@ NEGATIVE_SLOPE = 0.01
 Triple = Sequence[int]
 
 
-class ConvBlock(Convolution):
-    """MONAI's conv -> InstanceNorm -> LeakyReLU block (same modules and state-dict keys) whose norm and activation
-    run as one in-place channels-last kernel on the CPU inference fast path."""
+def same_padding(kernel_size: Triple, stride: Triple = (1, 1, 1)) -> tuple[int, ...]:
+    """Padding ``(k - s + 1) // 2`` per axis, as MONAI's ``get_padding``: keeps the size at stride 1 (odd kernels)
+    and divides it by the stride otherwise."""
+    if any(k - s + 1 < 0 for k, s in zip(kernel_size, stride)):
+        raise ValueError(f"kernel {tuple(kernel_size)} is smaller than stride {tuple(stride)} allows")
+    return tuple((k - s + 1) // 2 for k, s in zip(kernel_size, stride))
+
+
+class ConvBlock(nn.Sequential):
+    """Conv3d (with bias) -> InstanceNorm3d(affine, eps 1e-5) -> LeakyReLU(0.01), 'same' padding for stride 1.
+
+    The modules and state-dict keys of MONAI's ``Convolution`` block (``conv``, ``adn.N``, ``adn.A``), built from
+    ``torch.nn`` alone so that importing the network does not import MONAI (seconds). On the CPU inference fast
+    path the norm and activation run as one in-place channels-last kernel (``uniseg_hub.fast_path``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Triple, stride: Triple = (1, 1, 1)):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, tuple(kernel_size), tuple(stride),
+                              padding=same_padding(kernel_size, stride), bias=True)
+        self.adn = nn.Sequential(OrderedDict(N=nn.InstanceNorm3d(out_channels, affine=True),
+                                             A=nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fast_path.active(x):
-            return super().forward(x)
+            return self.adn(self.conv(x))
         y = self.conv(fast_path.to_layout(x))
         if fast_path.is_channels_last(y) and not y.is_contiguous():
             return fast_path.instance_norm_act_(y, self.adn.N, self.adn.A.negative_slope)
         return self.adn(y)
-
-
-def conv_block(in_channels: int, out_channels: int, kernel_size: Triple, stride: Triple = (1, 1, 1)) -> nn.Module:
-    """Conv3d (with bias) -> InstanceNorm3d(affine, eps 1e-5) -> LeakyReLU(0.01), 'same' padding for stride 1."""
-    return ConvBlock(
-        3, in_channels, out_channels, strides=stride, kernel_size=kernel_size,
-        act=("leakyrelu", {"negative_slope": NEGATIVE_SLOPE, "inplace": True}),
-        norm=("instance", {"affine": True}),
-        bias=True, conv_only=False, padding=get_padding(kernel_size, stride),
-    )
 
 
 def init_he(module: nn.Module) -> None:
@@ -120,9 +127,9 @@ class MultiChannelStem(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], out_channels: int, kernel_size: Triple):
         super().__init__()
-        padding = get_padding(kernel_size, 1)
+        padding = same_padding(kernel_size)
         self.convs = nn.ModuleDict(
-            {str(c): Conv[Conv.CONV, 3](c, out_channels, kernel_size, padding=padding, bias=True) for c in in_channels}
+            {str(c): nn.Conv3d(c, out_channels, tuple(kernel_size), padding=padding, bias=True) for c in in_channels}
         )
         self.norm = nn.InstanceNorm3d(out_channels, affine=True)
         self.act = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)
@@ -172,10 +179,10 @@ class UniSegEncoder(nn.Module):
         if not len(features) == len(kernel_sizes) == len(strides):
             raise ValueError("features, kernel_sizes and strides need one entry per stage")
         stages = [nn.Sequential(MultiChannelStem(in_channels, features[0], kernel_sizes[0]),
-                                conv_block(features[0], features[0], kernel_sizes[0]))]
+                                ConvBlock(features[0], features[0], kernel_sizes[0]))]
         for s in range(1, len(features)):
-            stages.append(nn.Sequential(conv_block(features[s - 1], features[s], kernel_sizes[s], strides[s]),
-                                        conv_block(features[s], features[s], kernel_sizes[s])))
+            stages.append(nn.Sequential(ConvBlock(features[s - 1], features[s], kernel_sizes[s], strides[s]),
+                                        ConvBlock(features[s], features[s], kernel_sizes[s])))
         self.stages = nn.ModuleList(stages)
         self.out_indices = tuple(range(len(features)) if out_indices is None else out_indices)
         if not self.out_indices or any(not -len(features) <= i < len(features) for i in self.out_indices):
@@ -218,9 +225,9 @@ class TaskPrompt(nn.Module):
         self.universal = nn.Parameter(torch.randn(1, num_tasks, *prompt_size))
         hidden = (channels + num_tasks) // 4
         self.fusion = nn.Sequential(
-            conv_block(channels + num_tasks, hidden, kernel_size),
-            conv_block(hidden, hidden, kernel_size),
-            conv_block(hidden, num_tasks, kernel_size),
+            ConvBlock(channels + num_tasks, hidden, kernel_size),
+            ConvBlock(hidden, hidden, kernel_size),
+            ConvBlock(hidden, num_tasks, kernel_size),
         )
 
     def forward(self, bottleneck: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -263,10 +270,10 @@ class UNetDecoder(nn.Module):
         for s in range(len(features) - 1, 0, -1):
             in_ch = features[s] + (bottleneck_extra if s == len(features) - 1 else 0)
             out_ch = features[s - 1]
-            upsamples.append(Conv[Conv.CONVTRANS, 3](in_ch, out_ch, strides[s], stride=strides[s], bias=False))
-            blocks.append(nn.Sequential(conv_block(2 * out_ch, out_ch, kernel_sizes[s]),
-                                        conv_block(out_ch, out_ch, kernel_sizes[s])))
-            heads.append(Conv[Conv.CONV, 3](out_ch, head_channels, 1, bias=False))
+            upsamples.append(nn.ConvTranspose3d(in_ch, out_ch, tuple(strides[s]), tuple(strides[s]), bias=False))
+            blocks.append(nn.Sequential(ConvBlock(2 * out_ch, out_ch, kernel_sizes[s]),
+                                        ConvBlock(out_ch, out_ch, kernel_sizes[s])))
+            heads.append(nn.Conv3d(out_ch, head_channels, 1, bias=False))
         self.upsamples = nn.ModuleList(upsamples)
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
