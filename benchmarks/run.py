@@ -452,7 +452,7 @@ def instrument(timers: dict, flips: int | None):
     import monai.transforms as mt
 
     import uniseg_hub
-    from uniseg_hub import inference, network, pretrained
+    from uniseg_hub import inference, network, pretrained, resampling
 
     def timed(fn, key):
         @functools.wraps(fn)
@@ -469,7 +469,7 @@ def instrument(timers: dict, flips: int | None):
         "preprocess": [inference.CheckImaged, mt.EnsureTyped, mt.CropForegroundd, mt.Spacingd,
                        inference.NormalizeTaskd],
         "merge_argmax": [inference.MergeTasksd, inference.ArgMaxd],
-        "resample_back": [mt.Invertd],
+        "resample_back": [resampling.InvertToInputd],  # includes its Invertd fallback when that runs
         "write": [mt.SaveImaged],
         "inferer": [monai.inferers.SlidingWindowInferer],
     }
@@ -498,9 +498,10 @@ def run_case(case: dict) -> dict:
     if case.get("unoptimised"):  # the pipeline before the optimisations (benchmarks/NOTES.md)
         from monai.transforms import AsDiscreted
 
-        from uniseg_hub import fast_path, inference
+        from uniseg_hub import fast_path, inference, resampling
 
         fast_path._ENABLED = False
+        resampling._separable_plan = lambda image: None  # MONAI's Invertd resamples back
         init = inference.MergeTasksd.__init__
 
         def eighteen_channels(self, *a, **k):  # the former merged one-hot: all 18 labels
