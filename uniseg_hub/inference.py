@@ -6,7 +6,6 @@
 * ``CheckInputFilesd`` / ``CheckImaged``: one clear error for each kind of bad input, before any output exists;
 * ``NormalizeTaskd``: per-channel normalisation from the task table (AutoPET mixes a CT window and a PET z-score);
 * ``MergeTasksd``: the official all-tasks label map (per task argmax, later tasks overwrite earlier ones);
-* ``AtomicNibabelWriter``: NIfTI written through a temporary file and renamed, never left half-written;
 * ``datalist``, ``resolve_tasks``: what to segment and with which tasks;
 * ``retain_freed_memory``: keep freed memory in the process for reuse (a CPU speed switch of the bundle);
 * ``ArgMaxd``: ``AsDiscreted(argmax=True)`` without PyTorch's slow outer-dimension CPU argmax.
@@ -27,12 +26,12 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import FolderLayout, MetaTensor, NibabelWriter
+from monai.data import FolderLayout, MetaTensor
 from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
 from torch import nn
 
 from .errors import UnisegHubError
-from .files import atomic_path
+from .nifti_io import NiftiReader
 from .tasks import CT_WINDOW, GROUPS, HEAD_CHANNELS, Task, get_task, tasks_in_group
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
@@ -221,11 +220,11 @@ def count_channels(data: Sequence[Mapping], key: str = "image") -> int:
     return shape[3] if len(shape) == 4 else 1
 
 
-def image_reader(data: Sequence[Mapping], key: str = "image") -> str:
-    """MONAI reader for the datalist: ITK for DICOM series folders, nibabel for NIfTI files."""
+def image_reader(data: Sequence[Mapping], key: str = "image"):
+    """MONAI reader for the datalist: ITK for DICOM series folders, nibabel (``NiftiReader``) for NIfTI files."""
     first = data[0][key] if data else ""
     first = first[0] if isinstance(first, (list, tuple)) and first else first
-    return "ITKReader" if os.path.isdir(str(first)) else "NibabelReader"
+    return "ITKReader" if os.path.isdir(str(first)) else NiftiReader
 
 
 class CheckInputFilesd(MapTransform):
@@ -286,12 +285,14 @@ class CheckImaged(MapTransform):
                                  "UniSeg segments 3-D volumes")
             if image.shape[0] != self.channels:
                 raise InputError(f"{name} has {image.shape[0]} channel(s), the task takes {self.channels}")
-            if image.numel() == 0 or not bool((torch.as_tensor(image) != 0).any()):
-                raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
-            bad = int((~torch.isfinite(torch.as_tensor(image))).sum())
-            if bad:
+            values = torch.as_tensor(image)
+            low, high = torch.aminmax(values) if values.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+            if not (torch.isfinite(low) and torch.isfinite(high)):  # one pass; NaN and infinity propagate
+                bad = int((~torch.isfinite(values)).sum())
                 raise InputError(f"{name} has {bad} non-finite voxel(s) (NaN or infinity); replace them before "
                                  "segmenting")
+            if low == 0 and high == 0:
+                raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
         return d
 
 
@@ -373,30 +374,25 @@ class ArgMaxd(MapTransform):
     ``argmax``; probabilities have none.
     """
 
+    SLAB_VOXELS = 1 << 18
+
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             probs = torch.as_tensor(d[key])
-            best = probs[0].clone()
             index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
-            for c in range(1, probs.shape[0]):
-                better = probs[c] > best
-                best = torch.where(better, probs[c], best)
-                index.masked_fill_(better, c)
+            step = max(1, self.SLAB_VOXELS // max(1, probs[0, 0].numel()))
+            labels = [torch.tensor(float(c), device=probs.device) for c in range(probs.shape[0])]
+            for start in range(0, probs.shape[1], step):  # slabs that stay in cache across the channel loop
+                slab, out = probs[:, start:start + step], index[start:start + step]
+                best = slab[0].clone()
+                better = torch.empty_like(best)  # 1.0 where channel c beats the best so far (float: bool ops are slow)
+                for c in range(1, slab.shape[0]):
+                    torch.gt(slab[c], best, out=better)
+                    torch.maximum(best, slab[c], out=best)
+                    out.lerp_(labels[c], better)  # exactly c where better is 1, unchanged where 0
             d[key] = _like(d[key], index[None])
         return d
-
-
-class AtomicNibabelWriter(NibabelWriter):
-    """``NibabelWriter`` that writes to a temporary file beside the target and renames it into place.
-
-    An interrupted run never leaves a partial NIfTI behind (``CheckInputFilesd`` guards existing outputs).
-    """
-
-    def write(self, filename, verbose: bool = False, **kwargs):
-        name = str(filename)
-        with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
-            super().write(tmp, verbose=verbose, **kwargs)
 
 
 def _case_key(path: str) -> str:

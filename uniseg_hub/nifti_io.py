@@ -1,0 +1,69 @@
+"""NIfTI in and out for the bundle: MONAI's nibabel reader and writer with fast memory-order changes, written
+atomically.
+
+NIfTI stores voxels in Fortran order, MONAI works on C-ordered arrays. MONAI and nibabel convert between the two
+with numpy's general strided copy, which on a 512x512x300 CT takes ~2 s each way (longer than resampling it). Here
+the axis reversal is two cache-friendly copies in torch (a 2-D transpose, then moves of whole rows), ~4x faster,
+with the same values (``reverse_axes``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import NibabelReader, NibabelWriter
+
+from .files import atomic_path
+
+
+def reverse_axes(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of the 3-D ``array`` with its axes reversed: ``out[k, j, i] == array[i, j, k]``.
+
+    Of a Fortran-ordered volume's ``.T`` it gives the C-ordered volume, of a C-ordered volume the ``.T`` of a
+    Fortran-ordered one. Dtypes torch cannot hold (e.g. big-endian) take numpy's copy.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only memory maps: only read here
+            t = torch.from_numpy(np.ascontiguousarray(array))
+    except (TypeError, ValueError):  # dtypes torch lacks, non-native byte order
+        return np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
+    p, q, r = t.shape
+    rows = t.reshape(p, q * r).t().contiguous().view(q, r, p)  # rows[j, k, i] = array[i, j, k]
+    return rows.transpose(0, 1).contiguous().numpy()
+
+
+class NiftiReader(NibabelReader):
+    """``NibabelReader`` that hands MONAI C-ordered 3-D volumes (``reverse_axes``), the layout it converts to."""
+
+    def _get_array_data(self, img, filename):
+        data = super()._get_array_data(img, filename)
+        if self.to_gpu or data.ndim != 3 or data.flags.c_contiguous or not data.flags.f_contiguous:
+            return data
+        return reverse_axes(np.asarray(data).T)
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """``NibabelWriter`` that writes to a temporary file beside the target and renames it into place, and hands
+    nibabel Fortran-ordered data (``reverse_axes``), which it then writes without reordering.
+
+    An interrupted run never leaves a partial NIfTI behind (``CheckInputFilesd`` guards existing outputs).
+    """
+
+    @classmethod
+    def create_backend_obj(cls, data_array, affine=None, dtype=None, **kwargs):
+        image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
+        data = np.asanyarray(image.dataobj)
+        if data.ndim != 3 or data.flags.f_contiguous:
+            return image
+        return nib.Nifti1Image(reverse_axes(data).T, image.affine, header=image.header, extra=image.extra,
+                               file_map=image.file_map)
+
+    def write(self, filename, verbose: bool = False, **kwargs):
+        name = str(filename)
+        with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
+            super().write(tmp, verbose=verbose, **kwargs)
