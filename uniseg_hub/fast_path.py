@@ -23,6 +23,7 @@ off (e.g. to compare against it). ``benchmarks/NOTES.md`` has the measurements.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -66,7 +67,7 @@ def active(x: torch.Tensor) -> bool:
 
 def layout(x: torch.Tensor) -> torch.memory_format:
     """The fast path's memory format for a feature map of ``x``'s size: channels-last for large maps."""
-    return CHANNELS_LAST if x[0, 0].numel() >= CHANNELS_LAST_MIN_VOXELS else torch.contiguous_format
+    return CHANNELS_LAST if math.prod(x.shape[2:]) >= CHANNELS_LAST_MIN_VOXELS else torch.contiguous_format
 
 
 def to_layout(x: torch.Tensor) -> torch.Tensor:
