@@ -110,6 +110,24 @@ def test_encode_decode_for_several_tasks_matches(model):
         torch.testing.assert_close(fast(model.decode, skips_fast, task), plain(model.decode, skips_plain, task), **TOL)
 
 
+def test_decoding_several_tasks_shares_the_skip_terms_and_matches(model, monkeypatch):
+    x = torch.randn(2, 1, *PATCH)
+    tasks = ["liver", 3, "vertebrae"]
+    shared = []
+    monkeypatch.setattr(model.decoder, "skip_terms",
+                        lambda skips, f=model.decoder.skip_terms: shared.append(1) or f(skips))
+    with torch.no_grad():
+        skips = model.encode(x)
+        together = model.decode_tasks(skips, tasks)
+    assert shared == [1]  # once for all tasks
+    for task, out in zip(tasks, together):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, plain(model.decode, plain(model.encode, x), task), **TOL)
+    with torch.no_grad(), fast_inference(False):
+        model.decode_tasks(plain(model.encode, x), tasks)
+    assert shared == [1]  # the plain path decodes task by task
+
+
 @pytest.mark.parametrize("channels", [1, 2, 4])
 def test_backbone_matches_the_plain_path(channels):
     torch.manual_seed(1)

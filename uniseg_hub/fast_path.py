@@ -126,17 +126,30 @@ def upsample_concat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor)
     per sample, (voxels, C_in) @ (C_in, sx*sy*sz*C_out), scattered straight into the concatenation buffer. The
     result, (B, C_out + C_skip, *skip size), has the fast path's layout for its size (``layout``).
     """
+    out = torch.empty((x.shape[0], up.out_channels + skip.shape[1], *skip.shape[2:]), dtype=x.dtype,
+                      device=x.device, memory_format=layout(skip))
+    _upsample_into(out[:, : up.out_channels], up, x)
+    out[:, up.out_channels:].copy_(skip)
+    return out
+
+
+def upsample(up: nn.ConvTranspose3d, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``up(x)`` as in ``upsample_concat``, in the fast path's layout; ``like`` is a map of the output's size."""
+    out = torch.empty((x.shape[0], up.out_channels, *like.shape[2:]), dtype=x.dtype, device=x.device,
+                      memory_format=layout(like))
+    _upsample_into(out, up, x)
+    return out
+
+
+def _upsample_into(out: torch.Tensor, up: nn.ConvTranspose3d, x: torch.Tensor) -> None:
+    """Write ``up(x)`` into ``out`` (B, C_out, *size * stride), a map or a channel slice of one."""
     batch, c_in, *size = x.shape
     c_out, stride = up.out_channels, tuple(up.stride)
-    out = torch.empty((batch, c_out + skip.shape[1], *skip.shape[2:]), dtype=x.dtype, device=x.device,
-                      memory_format=layout(skip))
     weight = up.weight.to(x.dtype).permute(0, 2, 3, 4, 1).reshape(c_in, -1)  # (C_in, sx*sy*sz*C_out)
     for b in range(batch):
         voxels = x[b].flatten(1).t() if x.is_contiguous() else x[b].permute(1, 2, 3, 0).reshape(-1, c_in)
         blocks = torch.mm(voxels, weight).view(*size, *stride, c_out)  # X Y Z sx sy sz C_out
-        target = out[b, :c_out].permute(1, 2, 3, 0)  # (X*sx, Y*sy, Z*sz, C_out) view of the buffer
+        target = out[b].permute(1, 2, 3, 0)  # (X*sx, Y*sy, Z*sz, C_out) view of the output
         for axis in (2, 1, 0):
             target = target.unflatten(axis, (size[axis], stride[axis]))  # -> X sx Y sy Z sz C_out
         target.copy_(blocks.permute(0, 3, 1, 4, 2, 5, 6))
-    out[:, c_out:].copy_(skip)
-    return out

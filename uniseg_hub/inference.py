@@ -119,8 +119,8 @@ class TaskPredictor(nn.Module):
         for axes in self.flips:
             flipped = torch.flip(x, axes) if axes else x
             with autocast:
-                skips = self.model.encode(flipped)
-                probs = [self.model.decode(skips, t.id).float().softmax(1) for t in self.tasks]
+                logits = self.model.decode_tasks(self.model.encode(flipped), [t.id for t in self.tasks])
+                probs = [one.float().softmax(1) for one in logits]
             probs = torch.cat(probs, 1)
             probs = torch.flip(probs, axes) if axes else probs
             total = probs if total is None else total.add_(probs)
