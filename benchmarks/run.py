@@ -498,10 +498,14 @@ def run_case(case: dict) -> dict:
     if case.get("unoptimised"):  # the pipeline before the optimisations (benchmarks/NOTES.md)
         from monai.transforms import AsDiscreted
 
-        from uniseg_hub import fast_path, inference, resampling
+        from monai.data import NibabelWriter
+
+        from uniseg_hub import fast_path, inference, nifti_io, resampling
 
         fast_path._ENABLED = False
         resampling._separable_plan = lambda image: None  # MONAI's Invertd resamples back
+        inference.image_reader = lambda data, key="image": "NibabelReader"  # MONAI's reader and writer
+        nifti_io.AtomicNibabelWriter.create_backend_obj = NibabelWriter.create_backend_obj
         init = inference.MergeTasksd.__init__
 
         def eighteen_channels(self, *a, **k):  # the former merged one-hot: all 18 labels

@@ -183,7 +183,13 @@ def test_all_tasks_mode_equals_the_tasks_one_by_one_merged(one_patch):
         labels = one_by_one[0, 4 * k : 4 * k + 4].argmax(0)
         for i, value in enumerate(task.merged_labels, 1):
             expected[labels == i] = value
-    assert torch.equal(merge.merge(shared[0]), expected)
+    # the shared decoder sums in another order (float32 tolerance): labels may differ only where a task's two
+    # best classes tie within that tolerance (this random small model's probabilities are all near 0.25)
+    differ = merge.merge(shared[0]) != expected
+    gaps = torch.stack([one_by_one[0, 4 * k : 4 * k + 4].topk(2, 0).values.diff(dim=0)[0].abs()
+                        for k in range(len(ct_tasks))])
+    assert differ.float().mean() < 1e-3
+    assert bool((gaps.min(0).values[differ] < 1e-5).all())
 
 
 def test_merge_follows_the_official_rules():

@@ -335,7 +335,7 @@ class MergeTasksd(MapTransform):
     K = 1 + the largest merged value these tasks can produce (3 for liver alone, 13 for all CT tasks, at most 18).
 
     The one-hot map holds only the channels the tasks can produce: the channels above them would be all zero, stay
-    zero through the linear resampling back (``Invertd``), and never win the final argmax (which takes the first
+    zero through the linear resampling back (``resampling.InvertToInputd``), and never win the final argmax (which takes the first
     maximum), so the label map is the same as with all 18 channels, at a fraction of the memory.
     """
 
