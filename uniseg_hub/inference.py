@@ -379,8 +379,8 @@ class ArgMaxd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            probs = torch.as_tensor(d[key])
-            index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
+            probs = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])  # no per-op
+            index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)  # metadata overhead
             step = max(1, self.SLAB_VOXELS // max(1, probs[0, 0].numel()))
             labels = [torch.tensor(float(c), device=probs.device) for c in range(probs.shape[0])]
             for start in range(0, probs.shape[1], step):  # slabs that stay in cache across the channel loop
