@@ -188,12 +188,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._resolve(m[1], m[2], m[3])
         self._send(404)
 
-    def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
+    def _commit(self, repo_id: str, revision: str):
+        """(repo, commit sha) of a revision, or None after answering with the Hub's error."""
         repo, sha = self.fake.resolve(repo_id, revision)
         if repo is None:
             return self._error("RepoNotFound", "Repository not found")
         if sha is None:
             return self._error("RevisionNotFound", f"Invalid rev id: {revision}")
+        return repo, sha
+
+    def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
+        if (found := self._commit(repo_id, revision)) is None:
+            return
+        repo, sha = found
         digest = repo["commits"][sha].get(filename)
         if digest is None:
             return self._error("EntryNotFound", f"{filename} does not exist on {revision}", {"X-Repo-Commit": sha})
@@ -203,11 +210,9 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def _api(self, repo_id: str, kind: str, revision: str) -> None:
-        repo, sha = self.fake.resolve(repo_id, revision)
-        if repo is None:
-            return self._error("RepoNotFound", "Repository not found")
-        if sha is None:
-            return self._error("RevisionNotFound", f"Invalid rev id: {revision}")
+        if (found := self._commit(repo_id, revision)) is None:
+            return
+        repo, sha = found
         tree = repo["commits"][sha]
         if kind == "revision":
             return self._json({"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
