@@ -113,7 +113,7 @@ class TaskPredictor(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # no_grad: inference only, and it lets the network take its CPU fast path (``uniseg_hub.network``)
+        # no_grad: inference only, and it lets the network take its CPU fast path (``uniseg_hub.fast_path``)
         total = None
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.amp and x.is_cuda)
         for axes in self.flips:
@@ -144,10 +144,10 @@ def retain_freed_memory(enabled: bool = True) -> bool:
     Returns whether the setting took effect (False when not enabled, or off Linux/glibc).
     """
     global _RETAINING
-    mallopt = _mallopt()
-    if not as_bool(enabled) or mallopt is None:
+    libc = _glibc()
+    if not as_bool(enabled) or libc is None:
         return False
-    _RETAINING = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _RETAINING = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _RETAINING
 
 
@@ -161,27 +161,29 @@ def release_freed_memory() -> None:
     have other sizes; without this they would add to the peak. A no-op unless ``retain_freed_memory`` is in effect.
     """
     if _RETAINING:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _glibc().malloc_trim(0)
 
 
-def _mallopt():
+def _glibc():
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, ...)
         return None
 
 
 def _glibc_default_malloc() -> None:
     """Undo ``retain_freed_memory`` for blocks allocated from now on (for benchmarks and tests)."""
     global _RETAINING
-    mallopt = _mallopt()
+    libc = _glibc()
     _RETAINING = False
-    if mallopt is not None:
-        mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
-        mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what was retained, so it is not reused warm
+    if libc is not None:
+        libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)  # hand back what was retained, so it is not reused warm
 
 
 def _check_dicom_folder(path: str) -> None:
@@ -335,8 +337,8 @@ class MergeTasksd(MapTransform):
     K = 1 + the largest merged value these tasks can produce (3 for liver alone, 13 for all CT tasks, at most 18).
 
     The one-hot map holds only the channels the tasks can produce: the channels above them would be all zero, stay
-    zero through the linear resampling back (``resampling.InvertToInputd``), and never win the final argmax (which takes the first
-    maximum), so the label map is the same as with all 18 channels, at a fraction of the memory.
+    zero through the linear resampling back (``resampling.InvertToInputd``), and never win the final argmax (which
+    takes the first maximum), so the label map is the same as with all 18 channels, at a fraction of the memory.
     """
 
     def __init__(self, keys: KeysCollection, tasks: Sequence[Task], allow_missing_keys: bool = False):
@@ -379,8 +381,9 @@ class ArgMaxd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            probs = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])  # no per-op
-            index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)  # metadata overhead
+            # the plain tensor: a MetaTensor would copy its metadata in each of the many small ops below
+            probs = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
             step = max(1, self.SLAB_VOXELS // max(1, probs[0, 0].numel()))
             labels = [torch.tensor(float(c), device=probs.device) for c in range(probs.shape[0])]
             for start in range(0, probs.shape[1], step):  # slabs that stay in cache across the channel loop
