@@ -21,19 +21,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from . import hub
 from .errors import (
     ChecksumError,
-    IncompatibleCheckpointError,
     UnisegHubError,
     UnknownModelError,
     UnsupportedChannelsError,
 )
 from .network import UniSegBackbone, UniSegEncoder
-from .weights import LoadReport, build_network, load_checked, read_folder
+from .weights import LoadReport, build_network, load_checked, read_folder, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +46,6 @@ def _is_local(src, manifest) -> bool:
                                            or src.endswith(".safetensors"))
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path, device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError besides OSError
-        raise IncompatibleCheckpointError(f"{path} is not a readable safetensors file ({e})") from e
-
-
 def _resolve(src, *, pretrained: bool, revision, cache_dir, local_files_only: bool, weights_path,
              manifest) -> tuple[dict, dict | None, str]:
     """(config with "architecture" and "config", state dict or None when not pretrained, a label for messages)."""
@@ -63,7 +54,7 @@ def _resolve(src, *, pretrained: bool, revision, cache_dir, local_files_only: bo
         if revision is not None or weights_path is not None:
             raise UnisegHubError(f"revision and weights_path apply to manifest names, not to the local checkpoint "
                                  f"{src}")
-        config, state = read_folder(src)
+        config, state = read_folder(src, tensors=pretrained)
         return config, state if pretrained else None, str(src)
     try:
         entry = m.entry(src)
@@ -86,7 +77,7 @@ def _resolve(src, *, pretrained: bool, revision, cache_dir, local_files_only: bo
     else:
         file = hub.download(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                             manifest=m)
-    return {**config, "weights": str(file)}, _read_tensors(file), f"{src} ({file})"
+    return {**config, "weights": str(file)}, read_safetensors(file)[1], f"{src} ({file})"
 
 
 def _random(model: nn.Module) -> LoadReport:

@@ -271,20 +271,26 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, ov
     return save_folder(out_dir, state, architecture, source=source, overwrite=overwrite)
 
 
-def read_folder(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) of a converted folder, or of a lone ``.safetensors`` file (config from its metadata)."""
+def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, state dict) of a safetensors file, with one clear error; ``tensors=False`` reads the header only
+    (the state dict is then empty)."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.metadata() or {}, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError
+        raise IncompatibleCheckpointError(f"{path} is not a readable safetensors file ({e})") from e
+
+
+def read_folder(path: str | os.PathLike, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a converted folder, or of a lone ``.safetensors`` file (config from its metadata);
+    ``tensors=False`` leaves the weights unread (the state dict is then empty)."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise UnisegHubError(
             f"{path} holds no {WEIGHTS_FILE}; pass a folder written by `uniseg-hub convert` or a .safetensors file"
         )
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError
-        raise IncompatibleCheckpointError(f"{weights} is not a readable safetensors file ({e})") from e
+    metadata, state = read_safetensors(weights, tensors)
     config_file = weights.parent / CONFIG_FILE
     if config_file.is_file():
         config = json.loads(config_file.read_text())
