@@ -282,9 +282,8 @@ class UNetDecoder(nn.Module):
         self.heads = nn.ModuleList(heads)
 
     def can_share_skip_terms(self, skips: Sequence[torch.Tensor]) -> bool:
-        """Whether ``skip_terms`` / ``forward_with_skip_terms`` apply: CPU fast path, eval mode, plain blocks."""
+        """Whether ``skip_terms`` / ``forward_with_skip_terms`` apply: CPU fast path, eval mode, block upsampling."""
         return (fast_path.active(skips[-1]) and not self.training
-                and all(isinstance(block[0], ConvBlock) for block in self.blocks)
                 and all(fast_path.is_block_upsample(up, x, skip) for up, x, skip in zip(
                     self.upsamples, [skips[-1], *skips[-2:0:-1]], skips[-2::-1])))
 
