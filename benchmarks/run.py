@@ -217,7 +217,7 @@ def time_calls(fn, repeats: int, sync=lambda: None) -> dict:
 
 
 def uniseg_model():
-    from uniseg_hub.network import UniSeg
+    from uniseg_hub.networks import UniSeg
 
     return UniSeg().eval()
 
@@ -226,7 +226,7 @@ def dynunet_model():
     """MONAI DynUNet with UniSeg's stages (uniseg-official.md §1.7): same kernels, strides, features, norm, act."""
     from monai.networks.nets import DynUNet
 
-    from uniseg_hub.network import FEATURES, KERNEL_SIZES, STRIDES
+    from uniseg_hub.networks import FEATURES, KERNEL_SIZES, STRIDES
 
     return DynUNet(3, 1, 4, kernel_size=KERNEL_SIZES, strides=STRIDES, upsample_kernel_size=STRIDES[1:],
                    filters=FEATURES, norm_name=("INSTANCE", {"affine": True}),
@@ -239,7 +239,7 @@ def plainconvunet_model():
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from uniseg_hub.network import FEATURES, KERNEL_SIZES, STRIDES
+    from uniseg_hub.networks import FEATURES, KERNEL_SIZES, STRIDES
 
     return PlainConvUNet(1, len(FEATURES), FEATURES, torch.nn.Conv3d, KERNEL_SIZES, STRIDES, 2, 4, 2,
                          conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
@@ -310,7 +310,7 @@ def plain_call(model, x):
 
 def predictor_call(model, x):
     """One window through the inference path of the bundle (TaskPredictor, one task, no TTA)."""
-    from uniseg_hub.inference import TaskPredictor
+    from uniseg_hub.pipeline import TaskPredictor
     from uniseg_hub.tasks import get_task
 
     return TaskPredictor(model, [get_task("liver")], mirror=False)(x)
@@ -318,8 +318,8 @@ def predictor_call(model, x):
 
 def unoptimised():
     """Process state of the unoptimised path: the network's plain path, glibc's default malloc."""
-    from uniseg_hub import fast_path
-    from uniseg_hub.inference import _glibc_default_malloc
+    from uniseg_hub.cpu import fast_path
+    from uniseg_hub.pipeline import _glibc_default_malloc
 
     fast_path._ENABLED = False
     _glibc_default_malloc()
@@ -327,8 +327,8 @@ def unoptimised():
 
 def optimised():
     """Process state of the optimised path: the network's fast path, freed memory retained (as the bundle does)."""
-    from uniseg_hub import fast_path
-    from uniseg_hub.inference import retain_freed_memory
+    from uniseg_hub.cpu import fast_path
+    from uniseg_hub.pipeline import retain_freed_memory
 
     fast_path._ENABLED = True
     retain_freed_memory()
@@ -370,7 +370,7 @@ def tasks_section(args, single_task_window: dict | None, device: str = "cpu") ->
     """All CT tasks on one window with the encoder shared, against the tasks one by one (one window each)."""
     import torch
 
-    from uniseg_hub.inference import TaskPredictor
+    from uniseg_hub.pipeline import TaskPredictor
     from uniseg_hub.tasks import tasks_in_group
 
     tasks = tasks_in_group("CT")
@@ -452,7 +452,7 @@ def instrument(timers: dict, flips: int | None):
     import monai.transforms as mt
 
     import uniseg_hub
-    from uniseg_hub import inference, network, pretrained, resampling
+    from uniseg_hub import pipeline, network, pretrained, resampling
 
     def timed(fn, key):
         @functools.wraps(fn)
@@ -500,7 +500,7 @@ def run_case(case: dict) -> dict:
 
         from monai.data import NibabelWriter
 
-        from uniseg_hub import fast_path, inference, nifti_io, resampling
+        from uniseg_hub.cpu import fast_path, inference, nifti_io, resampling
 
         fast_path._ENABLED = False
         resampling._separable_plan = lambda image: None  # MONAI's Invertd resamples back
@@ -732,7 +732,7 @@ def main(argv=None) -> int:
         single = next((r for r in results.get("forward", []) if r["name"].startswith("UniSeg, optimised")), None)
         results["tasks"] = tasks_section(args, single, device)
     if sections & {"e2e", "large"} or ("tasks" in sections and args.full):
-        from uniseg_hub.sample_data import fetch_sample
+        from uniseg_hub.app.sample_data import fetch_sample
 
         _, converted = full_size_checkpoint(workdir)
         ct = fetch_sample("ct_torso_1.5mm")

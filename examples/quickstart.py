@@ -27,7 +27,7 @@ def main() -> None:
               "running with RANDOM weights to show the pipeline")
         torch.manual_seed(0)
         net = UniSeg()
-        folder = save_folder(work / "uniseg-random", net.state_dict(), {"architecture": "UniSeg", "config": net.config})
+        folder = save_folder(work / "uniseg-random", net.state_dict(), net.config)
     model = load_model(folder)
     print(f"loaded {type(model).__name__}: {model.load_report.summary()}, patch (x, y, z) {model.patch_size}")
     x = torch.randn(1, 1, *model.patch_size)

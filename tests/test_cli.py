@@ -10,8 +10,10 @@ import torch
 from huggingface_hub import ModelCard, constants
 
 from uniseg_hub import PublishError, load_encoder, load_model
-from uniseg_hub import cli, publishing
-from uniseg_hub.hub import sha256_file
+from uniseg_hub import cli
+from uniseg_hub.app import publish as publishing
+from uniseg_hub.config import ManifestEntry
+from uniseg_hub.files import format_json, sha256_file
 from uniseg_hub.weights import read_folder
 
 pytest.register_assert_rewrite("fakehub")  # imported here before pytest loads it as a plugin
@@ -64,8 +66,10 @@ def test_every_command_against_the_fake_hub(fake_hub, small_release, tmp_path):
     listed = run("list", "--json", env=env)
     assert listed.returncode == 0 and [r["name"] for r in json.loads(listed.stdout)] == [NAME]
     assert f"{NAME}  published" in run("list", env=env).stdout
-    info = json.loads(run("info", NAME, "--json", env=env).stdout)
+    printed = run("info", NAME, "--json", env=env).stdout
+    info = json.loads(printed)
     assert info["sha256"] == entry["sha256"] and info["cache"] == {"path": None, "verified": False}
+    assert printed == format_json(info) + "\n" and {**info, "cache": None} == {**entry, "cache": None}
 
     downloaded = run("download", NAME, env=env)
     assert downloaded.returncode == 0, downloaded.stderr
@@ -166,7 +170,7 @@ def test_publish_dry_run_is_served_and_loads_back_equal(fake_hub, hf_isolated, c
 
     sha = fake_hub.commit_folder("test-org/uniseg-rt", out)
     manifest = manifest_with(tmp_path / "m.json", {**entry, "revision": sha}, endpoint=fake_hub.url)
-    _, source = read_folder(converted_small)
+    source = read_folder(converted_small).state
     model = load_model("uniseg-rt", manifest=manifest)
     assert model.state_dict().keys() == source.keys()
     assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
@@ -210,7 +214,7 @@ def test_publish_uploads_one_commit_and_prints_the_entry_pinned_to_it(fake_hub, 
                                            "/api/models/test-org/uniseg-up/commit/main"]
     assert all(p.headers["user-agent"].startswith("uniseg-hub/0.1.0;") for p in posts)
     manifest = manifest_with(tmp_path / "m.json", printed["entry"], endpoint=fake_hub.url)
-    _, source = read_folder(converted_small)
+    source = read_folder(converted_small).state
     assert all(torch.equal(v, source[k]) for k, v in load_model("uniseg-up", manifest=manifest).state_dict().items())
     with pytest.raises(PublishError, match="ORG/NAME"):
         publishing.publish(converted_small, "no-org", dry_run=True)
@@ -219,14 +223,17 @@ def test_publish_uploads_one_commit_and_prints_the_entry_pinned_to_it(fake_hub, 
 
 
 def test_publish_finds_the_bundle_folder_or_says_it_left_it_out(converted_small, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(publishing, "BUNDLE_DIR", tmp_path / "no-bundle-here")
+    monkeypatch.setattr(publishing, "packaged_bundle_dir", lambda required=True: None)
     cli.main(["publish", str(converted_small), "--repo-id", "test-org/uniseg-small", "--dry-run",
               "--out-dir", str(tmp_path / "a")])
     text = capsys.readouterr().out
     assert "model files only, no MONAI bundle (no bundle/ folder here; pass --bundle-dir)" in text
     assert "manifest entry (add it to the models list of weights_manifest.json):" in text
+    pasted = json.loads(text.split("weights_manifest.json):\n", 1)[1])  # the entry, as JSON to paste
+    assert pasted["name"] == "uniseg-small" and pasted["revision"] is None and pasted["published"] is True
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    monkeypatch.setattr(publishing, "BUNDLE_DIR", make_bundle(tmp_path / "bundle"))
+    bundle = make_bundle(tmp_path / "bundle")
+    monkeypatch.setattr(publishing, "packaged_bundle_dir", lambda required=True: bundle)
     result = publishing.publish(converted_small, "test-org/uniseg-small", dry_run=True, out_dir=tmp_path / "b")
     assert result["bundle"] == str(tmp_path / "bundle") and result["files"] == BUNDLE_FILES
     with pytest.raises(PublishError, match="is not a MONAI bundle folder"):
@@ -257,7 +264,8 @@ def test_publishing_the_official_name_completes_its_entry(converted_small, tmp_p
     official = shipped["models"][0]
     result = publishing.publish(converted_small, "org/uniseg-11task", name="uniseg-11task", dry_run=True,
                                 bundle=False, out_dir=tmp_path / "a")
-    entry = result["entry"]
+    assert isinstance(result["entry"], ManifestEntry) and result["entry"].revision is None
+    entry = result["entry"].to_dict()
     config = json.loads((converted_small / "config.json").read_text())
     assert entry["description"] == official["description"] and entry["license"] == official["license"]
     assert entry["source"]["original_url"] == official["source"]["original_url"]

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from test_training import CONFIGS, SMALL_RUN, workflow, write_btcv_tree
-from uniseg_hub.prepare import prepare_btcv
+from uniseg_hub.app.prepare import prepare_btcv
+
+pytestmark = pytest.mark.slow  # two torchrun processes train and evaluate
 
 MULTI = ["train.json", "btcv.json", "multi_gpu_train.json"]
 TIMEOUT = 420

@@ -1,6 +1,7 @@
 """Manifest, verified downloads, cache and offline behaviour, through the real huggingface_hub client and a fake Hub
 on 127.0.0.1 (tests/fakehub.py)."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,8 +14,8 @@ import pytest
 import torch
 from huggingface_hub import constants, scan_cache_dir
 from huggingface_hub import errors as hf_errors
-
 from official_format import official_shapes
+
 from uniseg_hub import (
     ChecksumError,
     DownloadError,
@@ -25,13 +26,18 @@ from uniseg_hub import (
     UnisegHubError,
     UnknownModelError,
     download,
+    hub,
     list_models,
     load_encoder,
     load_model,
     model_info,
     verify,
 )
-from uniseg_hub import hub
+from uniseg_hub.config import ARCHITECTURES as ARCHITECTURE_NAMES
+from uniseg_hub.config import License, ManifestEntry, UniSegConfig
+from uniseg_hub.files import format_json, sha256_file
+from uniseg_hub.hub import manifest_entry
+from uniseg_hub.tasks import get_task
 from uniseg_hub.weights import ARCHITECTURES, infer_architecture, read_folder
 
 pytest.register_assert_rewrite("fakehub")  # imported here before pytest loads it as a plugin
@@ -59,20 +65,46 @@ def test_shipped_manifest_is_valid_identical_to_the_top_level_one_and_honest():
         "weights_manifest.json and uniseg_hub/weights_manifest.json differ: edit the top-level file, then " \
         "`cp weights_manifest.json uniseg_hub/weights_manifest.json`"
     assert Path(hub.load_manifest().path).read_bytes() == top.read_bytes() and list_models() == ["uniseg-11task"]
-    official = model_info("uniseg-11task")
+    official = manifest_entry("uniseg-11task")
+    assert model_info("uniseg-11task") == official.to_dict()  # the public dict form, as documented in README.md
+    assert model_info("uniseg-11task")["preprocessing"]["tasks"]["liver"]["spacing"] == list(get_task("liver").spacing)
+    assert isinstance(official, ManifestEntry) and isinstance(official.license, License)
     # nothing invented: the official model is not on the Hub, so every pinned field is null
-    assert official["published"] is False
-    assert [official[k] for k in ("repo_id", "revision", "sha256", "size")] == [None] * 4
-    assert official["source"]["original_sha256"] is None
-    assert official["source"]["original_url"].startswith("https://drive.google.com/")
-    assert official["license"]["commercial_use"] is False and "non-commercial" in official["license"]["name"]
+    assert official.published is False
+    assert [official.repo_id, official.revision, official.sha256, official.size] == [None] * 4
+    assert official.source["original_sha256"] is None
+    assert official.source["original_url"].startswith("https://drive.google.com/")
+    assert official.license.commercial_use is False and "non-commercial" in official.license.name
     # the architecture is what `convert` infers from the official tensor shapes
     shapes = {k: torch.empty(s, device="meta") for k, s in official_shapes().items()}
-    assert official["architecture"] == infer_architecture(shapes)
+    assert isinstance(official.architecture, UniSegConfig) and official.architecture == infer_architecture(shapes)
     # the preprocessing is the task table's, not a copy that could drift
-    assert official["preprocessing"] == hub.official_preprocessing(official["architecture"]["config"]["patch_size"])
-    assert official["preprocessing"]["tasks"]["autopet"]["spacing"] == [4.0, 4.0, 8.0]
-    assert hub.ARCHITECTURE_NAMES == tuple(ARCHITECTURES)
+    assert official.preprocessing.to_dict() == hub.official_preprocessing(official.architecture.patch_size)
+    assert official.preprocessing["tasks"]["autopet"]["spacing"] == (4.0, 4.0, 8.0)
+    assert ARCHITECTURE_NAMES == tuple(ARCHITECTURES)
+
+
+def test_shipped_manifest_round_trips_byte_for_byte_through_its_entries():
+    text = (ROOT / "weights_manifest.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    entries = [ManifestEntry.from_dict(e, f"models[{i}]") for i, e in enumerate(data["models"])]
+    assert [e.to_dict() for e in entries] == data["models"]
+    assert format_json({**data, "models": [e.to_dict() for e in entries]}) + "\n" == text
+    assert list(hub.load_manifest().models.values()) == entries
+    # frozen all the way down, and re-checked when changed
+    entry = entries[0]
+    with pytest.raises(AttributeError):
+        entry.name = "other"
+    with pytest.raises(TypeError):
+        entry.preprocessing["axis_order"] = "zyx"
+    assert isinstance(entry.preprocessing["tasks"]["liver"]["spacing"], tuple) and hash(entry)
+    with pytest.raises(ManifestError, match=r"entry \(uniseg-11task\): an unpublished entry has no sha256"):
+        dataclasses.replace(entry, sha256="b" * 64)
+    published = dataclasses.replace(entry, published=True, repo_id="org/x", revision=None, sha256="b" * 64, size=1,
+                                    require_revision=False)
+    assert published.to_dict()["revision"] is None
+    with pytest.raises(ManifestError, match="revision None must be a 40-hex commit"):
+        ManifestEntry.from_dict(published.to_dict())
 
 
 def _official_manifest() -> dict:
@@ -90,13 +122,25 @@ def _published(**changes) -> dict:
     (_published(sha256="abc"), "sha256 'abc' must be 64"),
     (_published(size=0), "size 0 must be"),
     (_published(repo_id="no-slash"), "must be ORG/NAME"),
+    (_published(repo_id=None), "repo_id None must be ORG/NAME"),
     (_published(format="pt"), "format 'pt' is not supported"),
     (_published(filename="model.bin"), "relative path to a .safetensors"),
     (_published(sha265="x"), "unknown field(s) sha265"),
     ({**_official_manifest()["models"][0], "repo_id": "org/made-up"}, "an unpublished entry has no repo_id"),
     ({k: v for k, v in _published().items() if k != "license"}, "missing field(s) license"),
     (_published(name="Bad Name"), "name 'Bad Name'"),
-    (_published(architecture={"architecture": "ResNet", "config": {}}), "'ResNet' is not one of"),
+    (_published(architecture={"architecture": "ResNet", "config": {}}), "one of UniSeg, UniSegBackbone, got 'ResNet'"),
+    (_published(architecture={"architecture": "UniSeg", "config": {"features": [100000] * 6}}),
+     "architecture: features[0] must be a whole number from 1 to 4096"),
+    (_published(architecture={"architecture": "UniSeg"}), "architecture must be {\"architecture\""),
+    (_published(license={"id": "x", "name": "x", "url": "ftp://x", "commercial_use": False}), "license must hold"),
+    (_published(license={**_official_manifest()["models"][0]["license"], "commercial_contact": 3}),
+     "license.commercial_contact must be a string"),
+    (_published(preprocessing={"axis_order": "x", "bad": float("nan")}), "preprocessing must be a JSON object"),
+    (_published(source={**_official_manifest()["models"][0]["source"], "code_commit": "main"}), "code_commit"),
+    (_published(notes=None), "notes must be a string"),
+    (_published(published="yes"), "published must be true or false"),
+    (_published(size=True), "size True must be"),
 ])
 def test_manifest_validation_names_the_field(tmp_path, entry, message):
     path = manifest_with(tmp_path / "m.json", entry)
@@ -174,7 +218,7 @@ def test_first_download_then_cached_loads_make_no_request(
     assert [(r.server, r.method) for r in first] == [("hub", "HEAD"), ("cdn", "GET")]
     assert f"/test-org/uniseg-small/resolve/{entry['revision']}/model.safetensors" in first[0].path
     assert first[0].headers["user-agent"].startswith("uniseg-hub/0.1.0;")
-    _, source = read_folder(converted_small)
+    source = read_folder(converted_small).state
     assert all(torch.equal(v, source[f"encoder.{k}"]) for k, v in encoder.state_dict().items()
                if not k.startswith("stages.0.0.convs."))
     assert encoder.pretrained_cfg["sha256"] == entry["sha256"] and encoder.pretrained_cfg["weights"]
@@ -216,14 +260,14 @@ def test_a_corrupted_download_is_removed_and_fetched_once_more(fake_hub, hf_isol
     manifest, entry = serve(fake_hub, small_release, tmp_path / "m.json")
     fake_hub.faults[entry["sha256"]] = Fault("corrupt", times=1)
     path = download(NAME, manifest=manifest)
-    assert cdn_gets(fake_hub) == 2 and hub.sha256_file(path) == entry["sha256"]
+    assert cdn_gets(fake_hub) == 2 and sha256_file(path) == entry["sha256"]
     fake_hub.faults[entry["sha256"]] = Fault("corrupt", times=None)
     with pytest.raises(ChecksumError, match="again after fetching it a second time") as caught:
         download(NAME, manifest=manifest, force=True)
     assert caught.value.expected == entry["sha256"]
     assert blob_files(hf_isolated) == [] and not path.exists()  # nothing corrupt stays behind
     del fake_hub.faults[entry["sha256"]]
-    assert hub.sha256_file(download(NAME, manifest=manifest)) == entry["sha256"]
+    assert sha256_file(download(NAME, manifest=manifest)) == entry["sha256"]
 
 
 def test_a_corrupted_cached_file_is_caught(fake_hub, hf_isolated, small_release, tmp_path, monkeypatch):
@@ -238,7 +282,7 @@ def test_a_corrupted_cached_file_is_caught(fake_hub, hf_isolated, small_release,
     with pytest.raises(ChecksumError, match="it was removed from the cache.*uniseg-hub download uniseg-small"):
         download(NAME, manifest=manifest)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    assert hub.sha256_file(download(NAME, manifest=manifest)) == entry["sha256"] and cdn_gets(fake_hub) == 1
+    assert sha256_file(download(NAME, manifest=manifest)) == entry["sha256"] and cdn_gets(fake_hub) == 1
 
 
 def test_the_marker_spares_rehashing_and_verify_always_hashes(fake_hub, hf_isolated, small_release, tmp_path):
@@ -257,14 +301,14 @@ def test_the_marker_spares_rehashing_and_verify_always_hashes(fake_hub, hf_isola
         verify(NAME, manifest=manifest)
     assert caught.value.actual != entry["sha256"]
     fake_hub.clear_log()
-    assert hub.sha256_file(download(NAME, manifest=manifest)) == entry["sha256"]  # marker dropped: re-hashed
+    assert sha256_file(download(NAME, manifest=manifest)) == entry["sha256"]  # marker dropped: re-hashed
     assert cdn_gets(fake_hub) == 1 and verify(NAME, manifest=manifest) == path
 
 
 def test_a_truncated_body_is_fetched_again_or_reported(fake_hub, hf_isolated, small_release, tmp_path):
     manifest, entry = serve(fake_hub, small_release, tmp_path / "m.json")
     fake_hub.faults[entry["sha256"]] = Fault("truncate", times=1)
-    assert hub.sha256_file(download(NAME, manifest=manifest)) == entry["sha256"] and cdn_gets(fake_hub) == 2
+    assert sha256_file(download(NAME, manifest=manifest)) == entry["sha256"] and cdn_gets(fake_hub) == 2
     fake_hub.faults[entry["sha256"]] = Fault("truncate", times=None)
     with pytest.raises(DownloadError, match="Consistency check failed") as caught:
         download(NAME, manifest=manifest, cache_dir=tmp_path / "other")
@@ -276,7 +320,7 @@ def test_a_truncated_body_is_fetched_again_or_reported(fake_hub, hf_isolated, sm
 def test_a_dropped_connection_resumes(fake_hub, hf_isolated, small_release, tmp_path):
     manifest, entry = serve(fake_hub, small_release, tmp_path / "m.json")
     fake_hub.faults[entry["sha256"]] = Fault("drop", times=1)
-    assert hub.sha256_file(download(NAME, manifest=manifest)) == entry["sha256"] and cdn_gets(fake_hub) == 2
+    assert sha256_file(download(NAME, manifest=manifest)) == entry["sha256"] and cdn_gets(fake_hub) == 2
 
 
 def test_wrong_repository_revision_and_file_each_say_so(fake_hub, hf_isolated, small_release, tmp_path):
@@ -299,7 +343,7 @@ def test_wrong_repository_revision_and_file_each_say_so(fake_hub, hf_isolated, s
 def test_another_revision_is_hashed_and_flagged(fake_hub, hf_isolated, small_release, tmp_path):
     manifest, entry = serve(fake_hub, small_release, tmp_path / "m.json")
     fake_hub.add_branch(entry["repo_id"], "same-weights", entry["revision"])
-    assert hub.sha256_file(download(NAME, revision="same-weights", manifest=manifest)) == entry["sha256"]
+    assert sha256_file(download(NAME, revision="same-weights", manifest=manifest)) == entry["sha256"]
     fake_hub.commit(entry["repo_id"], {"model.safetensors": b"other weights"}, branch="retrained")
     with pytest.warns(UserWarning, match="not the checkpoint the manifest describes"):
         other = download(NAME, revision="retrained", manifest=manifest)
@@ -341,7 +385,7 @@ def test_four_processes_downloading_at_once_end_with_one_verified_file(fake_hub,
     paths = {out.strip() for out, _ in outputs}
     assert len(paths) == 1
     blobs = list((cache / "models--test-org--uniseg-small" / "blobs").iterdir())
-    assert [b.name for b in blobs] == [entry["sha256"]] and hub.sha256_file(blobs[0]) == entry["sha256"]
+    assert [b.name for b in blobs] == [entry["sha256"]] and sha256_file(blobs[0]) == entry["sha256"]
     markers = list((cache / "models--test-org--uniseg-small" / ".uniseg_hub").iterdir())
     assert [m.name for m in markers] == [f"{entry['sha256']}.verified.json"]
     assert len(fake_hub.requests("cdn", "GET")) == 2  # one transfer (plus its resume), not four
@@ -366,7 +410,7 @@ def test_a_killed_download_leaves_nothing_that_is_accepted_unverified(
     assert all(p.name.endswith(".incomplete") for p in (repo / "blobs").iterdir())
     fake_hub.clear_log()
     path = hub.download(NAME, manifest=manifest, cache_dir=cache)
-    assert cdn_gets(fake_hub) == 1 and hub.sha256_file(path) == entry["sha256"]
+    assert cdn_gets(fake_hub) == 1 and sha256_file(path) == entry["sha256"]
 
 
 def test_a_file_placed_but_not_verified_is_hashed_before_use(fake_hub, hf_isolated, small_release, tmp_path):
@@ -378,7 +422,7 @@ def test_a_file_placed_but_not_verified_is_hashed_before_use(fake_hub, hf_isolat
     fake_hub.faults[entry["sha256"]] = Fault("corrupt", times=1)
     placed = hf_hub_download(entry["repo_id"], entry["filename"], revision=entry["revision"],
                              endpoint=fake_hub.url)  # what download() runs first, here without the check after it
-    assert hub.sha256_file(placed) != entry["sha256"]  # huggingface_hub alone accepted a corrupt file
+    assert sha256_file(placed) != entry["sha256"]  # huggingface_hub alone accepted a corrupt file
     model = load_model(NAME, manifest=manifest)
-    assert cdn_gets(fake_hub) == 2 and hub.sha256_file(placed) == entry["sha256"]
+    assert cdn_gets(fake_hub) == 2 and sha256_file(placed) == entry["sha256"]
     assert model.load_report.loaded

@@ -85,12 +85,15 @@ def test_task_names_ids_and_tensors_agree():
         torch.testing.assert_close(model(x), model(x, 0))  # default task
 
 
-@pytest.mark.parametrize("task", ["livr", 11, -1, torch.tensor([0, 11])])
-def test_unknown_tasks_are_rejected_with_the_task_list(task):
+@pytest.mark.parametrize("task, named", [("livr", ["'livr'", "liver (0)", "autopet (10)"]), (11, ["11", "0-10"]),
+                                         (-1, ["-1", "0-10"]), (torch.tensor([0, 11]), ["[0, 11]", "0-10"])])
+def test_unknown_tasks_are_rejected_with_the_task_list(task, named):
+    """The error names what was given and what exists (the task names, or the id range)."""
     model = small()
     with pytest.raises(UnknownTaskError) as err:
         model(torch.randn(2, 1, *SMALL_PATCH), task)
-    assert "0-10" in str(err.value) or "liver" in str(err.value)
+    for fragment in named:
+        assert fragment in str(err.value)
 
 
 def test_gradients_reach_the_prompt_and_fusion():
@@ -165,8 +168,7 @@ def test_conv_block_equals_monais_convolution_block(kernel, stride):
     """The block is built from torch.nn (no MONAI import), with MONAI ``Convolution``'s modules, keys and outputs."""
     from monai.networks.blocks.dynunet_block import get_conv_layer
 
-    from uniseg_hub.fast_path import fast_inference
-    from uniseg_hub.network import ConvBlock
+    from uniseg_hub.networks import ConvBlock
 
     ours = ConvBlock(3, 5, kernel, stride)
     monai_block = get_conv_layer(3, 3, 5, kernel, stride, act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
@@ -179,7 +181,7 @@ def test_conv_block_equals_monais_convolution_block(kernel, stride):
             p.uniform_(-1, 1)
     monai_block.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 12, 10, 8)
-    with torch.no_grad(), fast_inference(False):
+    with torch.no_grad():
         torch.testing.assert_close(ours(x), monai_block(x), rtol=0, atol=0)
 
 
@@ -191,3 +193,15 @@ def test_importing_the_network_and_loaders_does_not_import_monai():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('monai', 'ignite', 'nibabel')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_public_outputs_are_contiguous_in_the_standard_layout(grad):
+    """The network is plain in every mode: encoder maps and logits can be ``.view``-ed by a user's code."""
+    model = small().eval()
+    x = torch.randn(1, 1, *SMALL_PATCH)
+    with torch.set_grad_enabled(grad):
+        maps = model.encoder(x)
+        logits = model(x, "liver")
+    for tensor in [*maps, logits]:
+        assert tensor.is_contiguous() and tensor.view(-1).numel() == tensor.numel()

@@ -7,7 +7,7 @@ import torch
 from monai.data import NibabelReader, NibabelWriter
 from monai.transforms import LoadImage
 
-from uniseg_hub.nifti_io import AtomicNibabelWriter, NiftiReader, reverse_axes
+from uniseg_hub.pipeline.nifti_io import AtomicNibabelWriter, NiftiReader, reverse_axes
 
 
 @pytest.mark.parametrize("dtype", ["<i2", "u1", "<f4", "<f8", ">i2", "<u2"])
@@ -20,7 +20,7 @@ def test_reverse_axes_equals_numpy_transpose(dtype):
 
 @pytest.fixture(scope="module")
 def real_ct(tmp_path_factory):
-    from uniseg_hub.sample_data import SampleDataError, fetch_sample
+    from uniseg_hub.app.sample_data import SampleDataError, fetch_sample
 
     try:
         path = fetch_sample("ct_small")

@@ -104,6 +104,7 @@ def test_single_task_batch_is_the_official_result_and_mixed_batches_are_per_samp
     torch.testing.assert_close(mixed[1:], task0[1:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["up_full_c1_t0", "up_full_c4_t9", "up_full_c2_t10"])
 def test_full_size_official_model_matches(converted, name):
     case = CASES[name]

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import uniseg_hub.fast_path as fast_path
-from uniseg_hub.fast_path import fast_inference, instance_norm_act_, upsample_concat
-from uniseg_hub.inference import (
+import uniseg_hub.cpu.fast_path as fast_path
+from uniseg_hub.cpu.fast_path import fast_inference, instance_norm_act_, upsample_concat
+from uniseg_hub.pipeline import (
     ArgMaxd,
     MergeTasksd,
     TaskPredictor,
@@ -22,7 +22,7 @@ from uniseg_hub.inference import (
     release_freed_memory,
     retain_freed_memory,
 )
-from uniseg_hub.network import UniSeg, UniSegBackbone
+from uniseg_hub.networks import UniSeg, UniSegBackbone
 from uniseg_hub.tasks import HEAD_CHANNELS, get_task, tasks_in_group
 
 FEATURES = (8, 16, 32, 32, 32, 32)
@@ -249,7 +249,7 @@ def real_ct(tmp_path_factory):
     nib = pytest.importorskip("nibabel")
     import numpy as np
 
-    from uniseg_hub.sample_data import SampleDataError, fetch_sample
+    from uniseg_hub.app.sample_data import SampleDataError, fetch_sample
 
     try:
         source = nib.load(fetch_sample("ct_small"))
@@ -270,8 +270,8 @@ def test_bundle_label_maps_equal_the_unoptimised_pipeline(converted_small, real_
 
     from monai.bundle import run
 
-    import uniseg_hub.inference as inference
-    import uniseg_hub.resampling as resampling
+    import uniseg_hub.pipeline as inference
+    import uniseg_hub.pipeline.resampling as resampling
 
     bundle = Path(__file__).resolve().parents[1] / "bundle"
 

@@ -1,6 +1,7 @@
 """The built package, installed for real (not editable) into a fresh environment outside the checkout, ships the
 weights manifest and the MONAI bundle, and its command line works there."""
 
+import pytest
 import importlib.util
 import json
 import os
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # a real pip install into a fresh virtual environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["setup.cfg", "pyproject.toml", "README.md", "LICENSE", "uniseg_hub", "bundle"]
@@ -44,7 +47,7 @@ def test_a_non_editable_install_outside_the_checkout_ships_the_manifest(tmp_path
     module, shipped = json.loads(found.stdout)
     assert Path(module).is_relative_to(venv) and shipped == (ROOT / "weights_manifest.json").read_text()
 
-    bundle = subprocess.run([python, "-c", "from uniseg_hub.predict import bundle_dir; print(bundle_dir())"],
+    bundle = subprocess.run([python, "-c", "from uniseg_hub.app.predict import bundle_dir; print(bundle_dir())"],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bundle.returncode == 0, bundle.stderr
     shipped_bundle = Path(bundle.stdout.strip())

@@ -14,7 +14,7 @@ from matplotlib import image as mpimg
 from dicom_series import write_series
 from test_bundle import crop, sample
 from uniseg_hub import cli
-from uniseg_hub.report import PREVIEW_SIZE
+from uniseg_hub.app.report import PREVIEW_SIZE
 from uniseg_hub.tasks import get_task, merged_label_names, tasks_in_group
 
 
@@ -40,7 +40,10 @@ def test_predict_writes_label_map_preview_and_volumes(converted_small, ct, tmp_p
     labels = np.asanyarray(label_map.dataobj)
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
     probabilities = nib.load(summary["probabilities"])
-    assert probabilities.shape == (*source.shape, 3) or probabilities.shape[:3] == source.shape
+    # (x, y, z, 3): the liver task's 3 classes (background, liver, tumour; the predictor keeps the task's own
+    # channels), which MONAI's NIfTI writer moves from first (channel-first tensor) to last (NIfTI's 4th axis)
+    assert probabilities.shape == (*source.shape, 3)
+    assert np.allclose(probabilities.affine, source.affine, atol=1e-4)
 
     # the volume table agrees with the label map and the voxel spacing
     voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000
@@ -90,7 +93,7 @@ def test_task_all_equals_the_tasks_one_by_one_merged(converted_small, ct, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     merged = np.asanyarray(nib.load(tmp_path / "all" / "ct_1.5mm_all.nii.gz").dataobj)
     expected = np.zeros_like(merged)
-    from uniseg_hub.predict import _run_bundle
+    from uniseg_hub.app.predict import _run_bundle
 
     for task in tasks_in_group("CT"):
         out = tmp_path / task.name

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from uniseg_hub.errors import UnisegHubError
-from uniseg_hub.prepare import (
+from uniseg_hub.cli import main
+from uniseg_hub.app.prepare import (
     BTCV_LABELS,
     BTCV_TRAIN,
     BTCV_VALIDATION,
@@ -66,7 +67,7 @@ def test_btcv_synapse_rawdata_gives_the_official_21_9_split(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["nnunet", "imagesTr"])
-def test_btcv_other_layouts_keep_the_official_assignment_of_a_subset(tmp_path, capsys, layout):
+def test_btcv_other_layouts_keep_the_official_assignment_of_a_subset(tmp_path, caplog, layout):
     raw = tmp_path / "Task060_BTCV"
     for n in (1, 2, 33):
         image, label = (f"bcv_{n}_0000.nii.gz", f"bcv_{n}.nii.gz") if layout == "nnunet" else \
@@ -76,7 +77,7 @@ def test_btcv_other_layouts_keep_the_official_assignment_of_a_subset(tmp_path, c
     content = read(tmp_path / "out")
     assert [c["case"] for c in content["training"]] == ["bcv_1", "bcv_2"]
     assert [c["case"] for c in content["validation"]] == ["bcv_33"]
-    assert "27 case(s) of the official BTCV split are missing" in capsys.readouterr().err
+    assert "27 case(s) of the official BTCV split are missing" in caplog.text
 
 
 def test_vs_folders_reproduce_the_official_193_49_split(tmp_path):
@@ -143,19 +144,26 @@ def test_wrong_trees_get_errors_that_say_what_was_expected(tmp_path):
         prepare_vs(tmp_path / "vs", tmp_path / "out")
 
 
-def test_prepare_command_reports_and_refuses_to_overwrite(tmp_path, capsys):
+def test_prepare_returns_data_and_the_command_prints_it(tmp_path, capsys):
     raw = tmp_path / "RawData" / "Training"
     for n in (1, 32):
         case_pair(raw / f"img/img{n:04d}.nii.gz", raw / f"label/label{n:04d}.nii.gz", n)
-    prepare("btcv", str(tmp_path), str(tmp_path / "out"))
-    assert "1 training / 1 validation cases (synapse RawData layout), target spacing [0.8, 0.8, 3.0] mm" in \
-        capsys.readouterr().out
+    result = prepare("btcv", str(tmp_path), str(tmp_path / "out"))
+    assert capsys.readouterr() == ("", "")  # the library prints nothing
+    assert result["training"] == 1 and result["validation"] == 1 and result["layout"] == "synapse RawData"
     with pytest.raises(UnisegHubError, match="already exists; pass overwrite=True"):
         prepare("btcv", str(tmp_path), str(tmp_path / "out"))
-    prepare("BTCV", str(tmp_path), str(tmp_path / "out"), overwrite=True, json=True)
+    main(["prepare", "BTCV", str(tmp_path), str(tmp_path / "out"), "--overwrite"])
+    printed = capsys.readouterr()
+    assert "1 training / 1 validation cases (synapse RawData layout), target spacing [0.8, 0.8, 3.0] mm" in printed.out
+    assert printed.err.startswith("warning: 28 case(s) of the official BTCV split are missing (bcv_2, ")
+    assert len(printed.err.splitlines()) == 1
+    main(["prepare", "btcv", str(tmp_path), str(tmp_path / "out"), "--overwrite", "--json"])
     assert json.loads(capsys.readouterr().out)["training"] == 1
-    with pytest.raises(UnisegHubError, match="prepare knows: btcv, vs"):
-        prepare("lits", str(tmp_path), str(tmp_path / "out2"))
+    with pytest.raises(SystemExit) as exit_status:
+        main(["prepare", "lits", str(tmp_path), str(tmp_path / "out2")])
+    assert exit_status.value.code == 1
+    assert "prepare knows: btcv, vs" in capsys.readouterr().err
 
 
 def test_target_spacing_follows_nnunet_v1():

@@ -7,14 +7,14 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, Flipd, Invertd, LoadImaged, Spacingd
 
-from uniseg_hub import resampling
-from uniseg_hub.resampling import InvertToInputd, interpolation_matrix
+from uniseg_hub.pipeline import resampling
+from uniseg_hub.pipeline.resampling import InvertToInputd, interpolation_matrix
 
 
 @pytest.fixture(scope="module")
 def padded_ct(tmp_path_factory):
     """The real small CT inside a zero margin (which the foreground crop removes), with an odd, flipped spacing."""
-    from uniseg_hub.sample_data import SampleDataError, fetch_sample
+    from uniseg_hub.app.sample_data import SampleDataError, fetch_sample
 
     try:
         source = nib.load(fetch_sample("ct_small"))

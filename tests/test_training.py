@@ -14,18 +14,18 @@ from monai.bundle import ConfigWorkflow
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 from uniseg_hub import UniSegBackbone, load_model
-from uniseg_hub.prepare import BTCV_LABELS, VS_LABELS, prepare_btcv
-from uniseg_hub.sample_data import SampleDataError, fetch_sample
+from uniseg_hub.app.prepare import BTCV_LABELS, VS_LABELS, prepare_btcv
+from uniseg_hub.app.sample_data import fetch_sample
+from uniseg_hub.config import parse_bool
+from uniseg_hub.errors import ConfigError, SampleDataError, TrainingError
 from uniseg_hub.training import (
     CheckLabeld,
     FreezeEncoder,
     GradientClipping,
     ProgressBar,
     RandPatchd,
-    TrainingError,
     build_network,
     ds_weights,
-    flag,
     intensity_transform,
     load_datalist,
 )
@@ -92,6 +92,7 @@ def finetuned(btcv_small, converted_small, tmp_path_factory):
     return root, wf
 
 
+@pytest.mark.slow
 def test_finetune_on_real_ct_loss_falls_and_checkpoints_load(finetuned):
     root, wf = finetuned
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -108,7 +109,7 @@ def test_finetune_on_real_ct_loss_falls_and_checkpoints_load(finetuned):
     assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]  # nothing partial left behind
     for folder in ("best", "last"):
         model = load_model(ckpt / folder)
-        assert isinstance(model, UniSegBackbone) and model.config["num_classes"] == len(BTCV_LABELS)
+        assert isinstance(model, UniSegBackbone) and model.config.num_classes == len(BTCV_LABELS)
     state = torch.load(ckpt / "last" / "training_state.pt", weights_only=True)
     assert state["trainer"] == {"epoch": 2, "iteration": 6, "epoch_length": 3, "max_epochs": 2}
     assert state["best_metric"] == pytest.approx(max(history["val_metric"]))
@@ -117,6 +118,7 @@ def test_finetune_on_real_ct_loss_falls_and_checkpoints_load(finetuned):
     assert all(torch.equal(trained[k], network[k].cpu()) for k in network)
 
 
+@pytest.mark.slow
 def test_evaluation_runs_on_the_fine_tuned_model(finetuned, btcv_small, converted_small):
     root, _ = finetuned
     wf = workflow(root, btcv_small, converted_small, run_id="evaluate", save_predictions=True)
@@ -150,6 +152,7 @@ def messages(info) -> str:
     return "\n".join(str(e) for e in causes(info))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_iteration_count(finetuned, btcv_small, converted_small, tmp_path):
     _, uninterrupted = finetuned
     wf = workflow(tmp_path, btcv_small, converted_small)
@@ -209,10 +212,10 @@ def test_encoder_and_scratch_transfers(converted_small):
     assert encoder.loaded and all(k.startswith("encoder.") for k in encoder.loaded)
     assert encoder.initialised and all(k.startswith("decoder.") for k in encoder.initialised)
     scratch = build_network(3, converted_small, "none")
-    assert not scratch.load_report.loaded and scratch.config["features"] == [4, 8, 16, 16, 16, 16]
-    assert scratch.config["in_channels"] == [1]
+    assert not scratch.load_report.loaded and scratch.config.features == (4, 8, 16, 16, 16, 16)
+    assert scratch.config.in_channels == (1,)
     three = build_network(3, converted_small, "backbone", in_channels=3)
-    assert three.config["in_channels"] == [3] and "encoder.stages.0.0.convs.3.weight" in three.load_report.adapted
+    assert three.config.in_channels == (3,) and "encoder.stages.0.0.convs.3.weight" in three.load_report.adapted
     assert len(three.load_report.loaded) == PAPER_TRANSFERRED - 4  # the 1-, 2- and 4-channel stems became one
     with pytest.raises(TrainingError, match="--transfer none"):
         build_network(3, None, "backbone")
@@ -220,6 +223,7 @@ def test_encoder_and_scratch_transfers(converted_small):
         build_network(3, converted_small, "decoder")
 
 
+@pytest.mark.slow
 def test_presets_match_the_datasets_and_resolve(btcv_small, converted_small, tmp_path):
     for preset, labels, modality in (("btcv.json", BTCV_LABELS, ["CT"]), ("vs.json", VS_LABELS, ["T1"])):
         content = json.loads((CONFIGS / preset).read_text())
@@ -322,9 +326,10 @@ def test_gradient_clipping_and_frozen_encoder():
 
 
 def test_boolean_flags_from_the_command_line():
-    assert flag("false") is False and flag("True") is True and flag(True) is True and flag(0) is False
-    with pytest.raises(TrainingError):
-        flag("maybe")
+    assert parse_bool("false") is False and parse_bool("True") is True and parse_bool(True) is True
+    assert parse_bool(0) is False and parse_bool("off") is False and parse_bool(" Yes ") is True
+    with pytest.raises(ConfigError, match="takes true or false"):
+        parse_bool("maybe")
 
 
 def test_progress_bar_shows_the_loss(capsys):

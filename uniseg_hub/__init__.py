@@ -15,8 +15,10 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     ChecksumError,
+    ConfigError,
     DownloadError,
     IncompatibleCheckpointError,
+    InputError,
     InputShapeError,
     ManifestError,
     NotAvailableOfflineError,
@@ -30,18 +32,19 @@ from .errors import (  # noqa: E402
 )
 
 _LAZY = {
-    "UniSeg": "network", "UniSegBackbone": "network", "UniSegEncoder": "network",
+    "UniSeg": "networks", "UniSegBackbone": "networks", "UniSegEncoder": "networks",
+    "UniSegConfig": "config", "ManifestEntry": "config",
     "load_encoder": "pretrained", "load_model": "pretrained",
     "convert_checkpoint": "weights",
     "download": "hub", "verify": "hub", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
-    "publish": "publishing",
+    "publish": "app.publish",
 }
 
 if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
+    from .app.publish import publish  # noqa: F401
     from .hub import download, list_models, load_manifest, model_info, verify  # noqa: F401
-    from .network import UniSeg, UniSegBackbone, UniSegEncoder  # noqa: F401
+    from .networks import UniSeg, UniSegBackbone, UniSegEncoder  # noqa: F401
     from .pretrained import load_encoder, load_model  # noqa: F401
-    from .publishing import publish  # noqa: F401
     from .weights import convert_checkpoint  # noqa: F401
 
 
@@ -61,5 +64,5 @@ __all__ = [
     "__version__", *_LAZY,
     "UnisegHubError", "UnknownTaskError", "InputShapeError", "UnsupportedChannelsError", "UnsafeCheckpointError",
     "IncompatibleCheckpointError", "ManifestError", "UnknownModelError", "NotPublishedError", "DownloadError",
-    "NotAvailableOfflineError", "ChecksumError", "PublishError",
+    "NotAvailableOfflineError", "ChecksumError", "PublishError", "ConfigError", "InputError",
 ]

@@ -11,17 +11,20 @@ unless annotated ``int`` or ``float``, the docstring's Args become ``--help``.
 """
 
 import inspect
+import logging
 import json as jsonlib
 import sys
 
 import fire
 
 from .errors import UnisegHubError
+from .files import format_json
 
 
 def emit(result, as_json: bool, text: str) -> None:
-    """Print ``text`` for people, or ``result`` as JSON for programs."""
-    print(jsonlib.dumps(result, indent=2) if as_json else text)
+    """Print ``text`` for people, or ``result`` as JSON for programs, in the one layout the command line prints
+    JSON in (``files.format_json``, the manifest's). A JSON round trip first makes keys strings and tuples lists."""
+    print(format_json(jsonlib.loads(jsonlib.dumps(result))) if as_json else text)
 
 
 def list_models(*, manifest=None, json: bool = False) -> None:
@@ -34,9 +37,9 @@ def list_models(*, manifest=None, json: bool = False) -> None:
     from .hub import load_manifest
 
     m = load_manifest(manifest)
-    rows = [{"name": e["name"], "published": e["published"], "repo_id": e["repo_id"], "revision": e["revision"],
-             "size": e["size"], "license": e["license"]["name"], "commercial_use": e["license"]["commercial_use"],
-             "description": e["description"]} for e in m.models.values()]
+    rows = [{"name": e.name, "published": e.published, "repo_id": e.repo_id, "revision": e.revision,
+             "size": e.size, "license": e.license.name, "commercial_use": e.license.commercial_use,
+             "description": e.description} for e in m.models.values()]
 
     def line(row: dict) -> str:
         size = "" if row["size"] is None else f"{row['size'] / 1e6:.1f} MB  "
@@ -57,20 +60,21 @@ def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print the entry (plus "cache") as JSON.
     """
-    from .hub import cache_status, model_info
+    from .hub import cache_status, manifest_entry
 
-    entry = model_info(name, manifest)
+    entry = manifest_entry(name, manifest)
     status = cache_status(name, cache_dir, manifest)
-    arch, pre, src, lic = entry["architecture"], entry["preprocessing"], entry["source"], entry["license"]
-    where = (f"{entry['repo_id']} at commit {entry['revision']}, {entry['filename']} ({entry['size']} bytes, "
-             f"sha256 {entry['sha256']})" if entry["published"]
+    arch, pre, src, lic = (entry.architecture.to_dict(), entry.preprocessing.to_dict(), entry.source,
+                           entry.license)
+    where = (f"{entry.repo_id} at commit {entry.revision}, {entry.filename} ({entry.size} bytes, "
+             f"sha256 {entry.sha256})" if entry.published
              else f"not published on the Hub (original: {src['original_url']})")
     tasks = pre.get("tasks", {})
     lines = [
-        f"{entry['name']}: {entry['description']}",
+        f"{entry.name}: {entry.description}",
         f"weights: {where}",
-        f"licence: {lic['name']} ({'commercial use allowed' if lic['commercial_use'] else 'non-commercial only'}) "
-        f"{lic['url']}",
+        f"licence: {lic.name} ({'commercial use allowed' if lic.commercial_use else 'non-commercial only'}) "
+        f"{lic.url}",
         f"architecture: {arch['architecture']} " + ", ".join(f"{k} {v}" for k, v in arch["config"].items()),
         f"preprocessing: axis order {pre['axis_order']}" + (f"; patch {pre['patch_size']}" if "patch_size" in pre
                                                             else ""),
@@ -80,7 +84,7 @@ def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         "cache: " + (f"{status['path']} ({'verified' if status['verified'] else 'not verified yet'})"
                      if status["path"] else "not downloaded"),
     ]
-    emit({**entry, "cache": status}, json, "\n".join(lines))
+    emit({**entry.to_dict(), "cache": status}, json, "\n".join(lines))
 
 
 def download(name: str, *, revision=None, cache_dir=None, force: bool = False, local_files_only: bool = False,
@@ -99,13 +103,14 @@ def download(name: str, *, revision=None, cache_dir=None, force: bool = False, l
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print name, path, sha256 and size as JSON.
     """
-    from .hub import download as fetch, model_info
+    from .hub import download as fetch
+    from .hub import manifest_entry
 
     path = fetch(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, force=force,
                  manifest=manifest)
-    entry = model_info(name, manifest)
-    emit({"name": name, "path": str(path), "repo_id": entry["repo_id"], "revision": revision or entry["revision"],
-          "sha256": entry["sha256"], "size": path.stat().st_size}, json, str(path))
+    entry = manifest_entry(name, manifest)
+    emit({"name": name, "path": str(path), "repo_id": entry.repo_id, "revision": revision or entry.revision,
+          "sha256": entry.sha256, "size": path.stat().st_size}, json, str(path))
 
 
 def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> None:
@@ -117,12 +122,13 @@ def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> N
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print name, path, sha256 and size as JSON.
     """
-    from .hub import model_info, verify as check
+    from .hub import manifest_entry
+    from .hub import verify as check
 
     path = check(name, cache_dir=cache_dir, manifest=manifest)
-    entry = model_info(name, manifest)
-    emit({"name": name, "path": str(path), "sha256": entry["sha256"], "size": entry["size"], "ok": True}, json,
-         f"{name}: {path} is intact (sha256 {entry['sha256']}, {entry['size']} bytes)")
+    entry = manifest_entry(name, manifest)
+    emit({"name": name, "path": str(path), "sha256": entry.sha256, "size": entry.size, "ok": True}, json,
+         f"{name}: {path} is intact (sha256 {entry.sha256}, {entry.size} bytes)")
 
 
 def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> None:
@@ -134,7 +140,8 @@ def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print {"name", "path"} as JSON.
     """
-    from .hub import cache_folder, download as fetch
+    from .hub import cache_folder
+    from .hub import download as fetch
 
     if name is None:
         found = cache_folder(cache_dir)
@@ -155,16 +162,16 @@ def convert(src: str, out_dir: str, *, overwrite: bool = False, json: bool = Fal
         overwrite: replace model.safetensors/config.json already in OUT_DIR.
         json: print the result as JSON.
     """
-    from .hub import sha256_file
+    from .files import sha256_file
     from .weights import WEIGHTS_FILE, convert_checkpoint, read_folder
 
     out = convert_checkpoint(src, out_dir, overwrite=overwrite)
-    config, state = read_folder(out)
+    checkpoint = read_folder(out)  # read back: what was written loads
     weights = out / WEIGHTS_FILE
     result = {
-        "folder": str(out), "architecture": config["architecture"], "config": config["config"],
-        "tensors": len(state), "parameters": sum(t.numel() for t in state.values()),
-        "sha256": sha256_file(weights), "size": weights.stat().st_size, "source": config["source"],
+        **checkpoint.config.to_dict(), "folder": str(out), "tensors": len(checkpoint.state),
+        "parameters": sum(t.numel() for t in checkpoint.state.values()), "sha256": sha256_file(weights),
+        "size": weights.stat().st_size, "source": checkpoint.document["source"],
     }
     emit(result, json, f"converted {src} -> {out} ({result['architecture']}, {result['tensors']} tensors, "
                        f"{result['parameters']:,} parameters, sha256 {result['sha256']})")
@@ -195,8 +202,7 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
         manifest: the manifest that lends the entry's details (default: UNISEG_HUB_MANIFEST or the shipped one).
         json: print the result as JSON.
     """
-    from .hub import format_json
-    from .publishing import publish as run
+    from .app.publish import publish as run
 
     result = run(folder, repo_id, name=name, description=description, source_url=source_url,
                  bundle_dir=bundle_dir, bundle=bundle, out_dir=out_dir, dry_run=dry_run, private=private,
@@ -212,10 +218,11 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
                      f"{result['repo_id']} will create")
     else:
         lines.append(f"uploaded to {result['repo_id']} at commit {result['commit']}: {result['url']}")
-    lines += ["manifest entry (add it to the models list of weights_manifest.json):", format_json(result["entry"])]
+    entry = result["entry"].to_dict()
+    lines += ["manifest entry (add it to the models list of weights_manifest.json):", format_json(entry)]
     if "large_files_entry" in result:
         lines += ["bundle large_files.yml entry:", *(f"  {k}: \"{v}\"" for k, v in result["large_files_entry"].items())]
-    emit(result, json, "\n".join(lines))
+    emit({**result, "entry": entry}, json, "\n".join(lines))
 
 
 def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model: str = "uniseg-11task",
@@ -242,7 +249,8 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         modality: CT or MR, the group --task all uses for 1-channel input.
         json: print the result as JSON.
     """
-    from .predict import predict as run, quiet
+    from .app.predict import predict as run
+    from .app.predict import quiet
 
     quiet()
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
@@ -274,7 +282,8 @@ def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bo
         device: cpu, cuda or cuda:N.
         json: print the results as JSON.
     """
-    from .predict import demo as run, quiet
+    from .app.predict import demo as run
+    from .app.predict import quiet
 
     quiet()
     results = run(weights=weights, out_dir=out, task=task, tta=tta, device=device)
@@ -293,7 +302,7 @@ def export(src: str, out: str, *, in_channels: int = 1, json: bool = False) -> N
         in_channels: input channels (1, 2 or 4): the stem baked into the graph.
         json: print the result as JSON.
     """
-    from .export import export_onnx
+    from .app.export import export_onnx
 
     path = export_onnx(src, out, in_channels=in_channels)
     emit({"onnx": str(path), "size": path.stat().st_size}, json, f"exported {src} -> {path}")
@@ -311,9 +320,12 @@ def prepare_dataset(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool
         overwrite: replace an existing datalist.json.
         json: print the result as JSON.
     """
-    from .prepare import prepare
+    from .app.prepare import prepare
 
-    prepare(dataset, raw_dir, out_dir, overwrite=overwrite, json=json)
+    result = prepare(dataset, raw_dir, out_dir, overwrite=overwrite)
+    emit(result, json, f"wrote {result['datalist']}: {result['training']} training / {result['validation']} "
+                       f"validation cases ({result['layout']} layout), target spacing "
+                       f"{result['properties']['target_spacing']} mm")
 
 
 COMMANDS = {"list": list_models, "info": info, "download": download, "verify": verify, "path": path,
@@ -382,8 +394,24 @@ def guard_args(command: str, args: list[str]) -> list[str]:
     return out
 
 
+class _WarningLines(logging.Handler):
+    """The library logs what a person should know (missing cases, an adapted stem, an unpinned file); the command
+    line shows each warning as one ``warning: ...`` line on stderr (looked up when written, so redirection works)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
+
+
+def show_warnings() -> None:
+    """Attach ``_WarningLines`` to the package's logger once."""
+    logger = logging.getLogger("uniseg_hub")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``uniseg-hub`` console script (returns None: see fire's exit-code pitfall)."""
+    show_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     if any(a in ("-h", "--help") for a in argv):

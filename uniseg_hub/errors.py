@@ -59,3 +59,27 @@ class ChecksumError(UnisegHubError, OSError):
 
 class PublishError(UnisegHubError):
     """``publish`` could not build or upload a repository (bad folder, bad repo id, refused by the Hub)."""
+
+
+class InputError(UnisegHubError, ValueError):
+    """An input image that cannot be segmented as given (missing, unreadable, wrong shape or values)."""
+
+
+class TrainingError(UnisegHubError, ValueError):
+    """A training set-up that cannot work: bad datalist, labels, transfer mode or checkpoint folder."""
+
+
+class ResumeError(TrainingError):
+    """A run that cannot be resumed (or would silently overwrite an earlier one)."""
+
+
+class DatasetLayoutError(UnisegHubError, ValueError):
+    """A raw dataset folder that does not have the layout ``uniseg-hub prepare`` expects."""
+
+
+class SampleDataError(UnisegHubError):
+    """The sample scans could not be fetched from PyPI or failed their sha256 check."""
+
+
+class ConfigError(UnisegHubError, ValueError):
+    """A configuration (config.json, a manifest's architecture, an option) with a wrong type, range or length."""

@@ -1,9 +1,10 @@
-"""Atomic file writes: every file uniseg-hub produces appears whole or not at all."""
+"""Files: atomic writes (every file uniseg-hub produces appears whole or not at all), sha256, readable JSON."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -49,3 +50,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _flat(value) -> bool:
+    return isinstance(value, list) and all(
+        not isinstance(v, (dict, list)) or (isinstance(v, list) and not any(isinstance(w, (dict, list)) for w in v))
+        for v in value)
+
+
+def format_json(value, level: int = 0) -> str:
+    """JSON indented by two spaces, with lists of numbers or strings (and of such lists) and short objects of
+    plain values kept on one line."""
+    pad, end = "  " * (level + 1), "\n" + "  " * level
+    if isinstance(value, dict) and value and not (
+            all(not isinstance(v, (dict, list)) for v in value.values()) and len(json.dumps(value)) <= 80):
+        return "{\n" + ",\n".join(f"{pad}{json.dumps(k)}: {format_json(v, level + 1)}" for k, v in value.items()) \
+            + end + "}"
+    if isinstance(value, list) and value and not _flat(value):
+        return "[\n" + ",\n".join(pad + format_json(v, level + 1) for v in value) + end + "]"
+    return json.dumps(value)

@@ -24,14 +24,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .errors import IncompatibleCheckpointError, UnisegHubError, UnsafeCheckpointError
-from .files import atomic_path, sha256_file, write_text_atomic
-from .network import UniSeg, UniSegBackbone
+from .config import UniSegConfig, total_stride
+from .errors import (
+    ConfigError,
+    IncompatibleCheckpointError,
+    UnisegHubError,
+    UnsafeCheckpointError,
+)
+from .files import atomic_path, format_json, sha256_file, write_text_atomic
+from .networks import UniSeg, UniSegBackbone
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 ARCHITECTURES = {"UniSeg": UniSeg, "UniSegBackbone": UniSegBackbone}
+"""The network class of each ``UniSegConfig.architecture``."""
 
 # numpy globals that nnU-Net v1's training state (plot_stuff, best_stuff: numpy scalars) needs; both the numpy 1
 # (``numpy.core``) and numpy 2 (``numpy._core``) spellings, since the official file was written with numpy 1.
@@ -100,8 +107,8 @@ def _require(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return state[key]
 
 
-def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict:
-    """Architecture of an official state dict, read from tensor shapes: ``{"architecture", "config"}``.
+def infer_architecture(state: Mapping[str, torch.Tensor]) -> UniSegConfig:
+    """Architecture of an official state dict, read from tensor shapes.
 
     Works for any task count, head width, features per stage and stem set; the patch size comes from the prompt.
     Downstream checkpoints (no prompt, heads ``seg_outputs_down``) give a ``UniSegBackbone``.
@@ -123,35 +130,31 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> dict:
     strides = [[1, 1, 1]] + [list(_require(state, f"tu.{num_stages - 1 - s}.weight").shape[2:][::-1])
                              for s in range(1, num_stages)]
     common = {"in_channels": stems, "features": features, "kernel_sizes": kernel_sizes, "strides": strides}
-    if "intermedia_prompt" not in state:
-        heads = _require(state, "seg_outputs_down.0.weight")
-        return {"architecture": "UniSegBackbone", "config": {"num_classes": int(heads.shape[0]), **common}}
-    prompt = state["intermedia_prompt"]
-    stride = [int(np.prod([s[a] for s in strides])) for a in range(3)]
-    patch = [int(n) * s for n, s in zip(prompt.shape[2:][::-1], stride)]
-    heads = _require(state, "seg_outputs.0.weight")
-    return {"architecture": "UniSeg", "config": {
-        **common, "num_tasks": int(prompt.shape[1]), "head_channels": int(heads.shape[0]), "patch_size": patch}}
+    try:
+        if "intermedia_prompt" not in state:
+            heads = _require(state, "seg_outputs_down.0.weight")
+            return UniSegConfig("UniSegBackbone", num_classes=int(heads.shape[0]), **common)
+        prompt = state["intermedia_prompt"]
+        stride = total_stride(strides)
+        patch = [int(n) * s for n, s in zip(prompt.shape[2:][::-1], stride)]
+        heads = _require(state, "seg_outputs.0.weight")
+        return UniSegConfig("UniSeg", num_tasks=int(prompt.shape[1]), head_channels=int(heads.shape[0]),
+                            patch_size=patch, **common)
+    except ConfigError as e:
+        raise IncompatibleCheckpointError(f"the checkpoint's tensor shapes describe no valid UniSeg: {e}") from e
 
 
-def build_network(architecture: Mapping, *, uninitialised: bool = False) -> nn.Module:
-    """Instantiate the network described by ``{"architecture": name, "config": kwargs}`` (random weights).
+def build_network(config: UniSegConfig, *, uninitialised: bool = False) -> nn.Module:
+    """Instantiate the network ``config`` describes (random weights).
 
     ``uninitialised``: skip the random initialisation and leave the tensors' memory as allocated, for a caller that
     overwrites every tensor next (a strict load of a complete checkpoint); it makes loading ~20x faster.
     """
-    name = architecture.get("architecture")
-    if name not in ARCHITECTURES:
-        raise IncompatibleCheckpointError(
-            f"unknown architecture {name!r}; uniseg-hub {__version__} builds {', '.join(ARCHITECTURES)}"
-        )
-    try:
-        if not uninitialised:
-            return ARCHITECTURES[name](**architecture["config"])
-        with torch.device("meta"):
-            return ARCHITECTURES[name](**architecture["config"]).to_empty(device="cpu")
-    except (TypeError, ValueError, KeyError) as e:
-        raise IncompatibleCheckpointError(f"invalid {name} configuration {architecture.get('config')}: {e}") from e
+    network = ARCHITECTURES[config.architecture]
+    if not uninitialised:
+        return network(config=config)
+    with torch.device("meta"):
+        return network(config=config).to_empty(device="cpu")
 
 
 def _listing(keys: Iterable, limit: int = 10) -> str:
@@ -220,7 +223,7 @@ def load_checked(
     return LoadReport(loaded=[k for k in own if k in state], skipped=unexpected, initialised=missing)
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], UniSegConfig]:
     """Official state dict -> (our state dict in MONAI axis order, architecture), checked against the network."""
     architecture = infer_architecture(state)
     unmapped = [k for k in state if official_key(k) is None]
@@ -231,44 +234,40 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
     return converted, architecture
 
 
-def dumps_config(config: Mapping) -> str:
-    """JSON with one key per line but lists of numbers kept on one line, so configs stay readable."""
-    text = json.dumps(config, indent=2)
-    return re.sub(r"\[[\d\s,.\-\[\]]*\]", lambda m: json.dumps(json.loads(m.group(0))), text) + "\n"
-
-
 def save_folder(
     out_dir: str | os.PathLike,
     state: Mapping[str, torch.Tensor],
-    architecture: Mapping,
+    config: UniSegConfig,
     *,
     source: Mapping | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` atomically; returns the folder."""
+    """Write ``model.safetensors`` + ``config.json`` (``config`` and ``source``) into ``out_dir`` atomically;
+    returns the folder."""
     out = Path(out_dir)
     targets = [out / WEIGHTS_FILE, out / CONFIG_FILE]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise UnisegHubError(f"{', '.join(existing)} already exists; choose another folder or pass overwrite=True")
     out.mkdir(parents=True, exist_ok=True)
-    config = {"format_version": FORMAT_VERSION, **architecture, "axis_order": "MONAI (C, x, y, z)",
-              "weights": WEIGHTS_FILE, "source": dict(source or {}), "uniseg_hub_version": __version__}
+    architecture = config.to_dict()
+    document = {"format_version": FORMAT_VERSION, **architecture, "axis_order": "MONAI (C, x, y, z)",
+                "weights": WEIGHTS_FILE, "source": dict(source or {}), "uniseg_hub_version": __version__}
     metadata = {"format": "pt", "uniseg_hub.format_version": str(FORMAT_VERSION),
-                "uniseg_hub.architecture": json.dumps({k: architecture[k] for k in ("architecture", "config")}),
+                "uniseg_hub.architecture": json.dumps(architecture),
                 "uniseg_hub.source": json.dumps(dict(source or {})), "uniseg_hub.version": __version__}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     with atomic_path(targets[0]) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-    write_text_atomic(targets[1], dumps_config(config))
+    write_text_atomic(targets[1], format_json(document) + "\n")
     return out
 
 
 def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Convert an official UniSeg ``.model`` file into a folder that ``load_model`` and ``load_encoder`` read."""
-    state, architecture = convert_state_dict(read_official_checkpoint(src))
+    state, config = convert_state_dict(read_official_checkpoint(src))
     source = {"file": Path(src).name, "sha256": sha256_file(src), "format": "nnU-Net v1 .model (state_dict)"}
-    return save_folder(out_dir, state, architecture, source=source, overwrite=overwrite)
+    return save_folder(out_dir, state, config, source=source, overwrite=overwrite)
 
 
 def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -281,23 +280,40 @@ def read_safetensors(path: str | os.PathLike, tensors: bool = True) -> tuple[dic
         raise IncompatibleCheckpointError(f"{path} is not a readable safetensors file ({e})") from e
 
 
-def read_folder(path: str | os.PathLike, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) of a converted folder, or of a lone ``.safetensors`` file (config from its metadata);
-    ``tensors=False`` leaves the weights unread (the state dict is then empty)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A converted folder (or a lone ``.safetensors`` file) as read: where it is, its architecture, the rest of its
+    ``config.json`` (provenance, versions; the metadata's architecture for a lone file) and its tensors (empty when
+    they were not read)."""
+
+    path: Path
+    config: UniSegConfig
+    document: dict
+    state: dict[str, torch.Tensor]
+
+
+def read_folder(path: str | os.PathLike, tensors: bool = True) -> Checkpoint:
+    """A converted folder, or a lone ``.safetensors`` file (architecture from its metadata). The architecture is
+    parsed and bounded before any tensor is read; ``tensors=False`` leaves the weights unread."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise UnisegHubError(
             f"{path} holds no {WEIGHTS_FILE}; pass a folder written by `uniseg-hub convert` or a .safetensors file"
         )
-    metadata, state = read_safetensors(weights, tensors)
     config_file = weights.parent / CONFIG_FILE
     if config_file.is_file():
-        config = json.loads(config_file.read_text())
-    elif "uniseg_hub.architecture" in metadata:
-        config = json.loads(metadata["uniseg_hub.architecture"])
+        where, text = str(config_file), config_file.read_text(errors="replace")
     else:
-        raise IncompatibleCheckpointError(f"{weights} has no {CONFIG_FILE} beside it and no architecture metadata")
-    if config.get("architecture") not in ARCHITECTURES or not isinstance(config.get("config"), dict):
-        raise IncompatibleCheckpointError(f"{config_file} does not describe a UniSeg architecture")
-    return config, state
+        where, text = f"the metadata of {weights}", read_safetensors(weights, tensors=False)[0].get(
+            "uniseg_hub.architecture")
+        if text is None:
+            raise IncompatibleCheckpointError(f"{weights} has no {CONFIG_FILE} beside it and no architecture metadata")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not valid JSON ({e}); write the folder again with `uniseg-hub convert`") \
+            from None
+    config = UniSegConfig.from_dict(document, where)
+    return Checkpoint(weights.parent if path.is_dir() else weights, config, document,
+                      read_safetensors(weights, tensors)[1] if tensors else {})

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.data import NibabelReader, NibabelWriter
 
-from .files import atomic_path
+from ..files import atomic_path
 
 
 def reverse_axes(array: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The CPU inference fast path of the UniSeg networks: same results (float32 tolerance), less time.
 
 With gradients off, a float32 CPU tensor, and no tracing, compilation or export (``active``), the networks of
-``uniseg_hub.network`` run:
+``uniseg_hub.networks`` prepared by ``uniseg_hub.cpu.prepare_for_inference`` run:
 
 * **channels-last feature maps** (``torch.channels_last_3d``) at the large levels: oneDNN then uses its brgemm 3-D
   convolutions, up to 1.3x faster there than its kernels for PyTorch's default layout; the small, deep levels stay
@@ -16,15 +16,15 @@ With gradients off, a float32 CPU tensor, and no tracing, compilation or export 
   the layer is one GEMM written straight into the skip concatenation's buffer, instead of a generic deconvolution
   followed by ``torch.cat``.
 
-Training, CUDA, other dtypes and export take the plain eager path; ``fast_inference(False)`` switches the fast path
-off (e.g. to compare against it). ``benchmarks/NOTES.md`` has the measurements.
+These are kernels only: ``uniseg_hub.cpu.inference.prepare_for_inference`` applies them to a network, per call and
+only where ``active`` holds; training, CUDA, other dtypes and export take the plain eager path. Nothing here keeps
+state between calls (the threshold is an argument, defaulting to ``CHANNELS_LAST_MIN_VOXELS``), so the kernels are
+safe to call from several threads. ``benchmarks/NOTES.md`` has the measurements.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,40 +39,30 @@ CHANNELS_LAST_MIN_VOXELS = 1 << 16
 """Feature maps with at least this many voxels per channel run channels-last (in the official model: the levels at
 (192, 192, 64), (96, 96, 64) and (48, 48, 32)); measured per convolution in ``benchmarks/NOTES.md``."""
 
-_ENABLED = True
-
-
-@contextlib.contextmanager
-def fast_inference(enabled: bool = True) -> Iterator[None]:
-    """Switch the CPU inference fast path on or off inside a ``with`` block; on by default.
-
-    ``with fast_inference(False):`` runs the plain eager path, e.g. to compare against it.
-    """
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, bool(enabled)
-    try:
-        yield
-    finally:
-        _ENABLED = previous
-
-
 def active(x: torch.Tensor) -> bool:
-    """Whether ``x`` takes the fast path: float32 CPU inference, not traced, compiled or exported."""
-    if not _ENABLED or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+    """Whether a call on ``x`` may take the fast path: float32 CPU inference, not traced, compiled or exported.
+
+    A pure function of ``x`` and torch's own state (gradient mode is per thread), so two threads decide each for
+    itself.
+    """
+    if (not isinstance(x, torch.Tensor) or torch.is_grad_enabled() or x.device.type != "cpu"
+            or x.dtype != torch.float32):
         return False
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
                 or torch.onnx.is_in_onnx_export())
 
 
-def layout(x: torch.Tensor) -> torch.memory_format:
-    """The fast path's memory format for a feature map of ``x``'s size: channels-last for large maps."""
-    return CHANNELS_LAST if math.prod(x.shape[2:]) >= CHANNELS_LAST_MIN_VOXELS else torch.contiguous_format
+def layout(x: torch.Tensor, min_voxels: int | None = None) -> torch.memory_format:
+    """The fast path's memory format for a feature map of ``x``'s size: channels-last for maps of at least
+    ``min_voxels`` voxels per channel (default ``CHANNELS_LAST_MIN_VOXELS``), PyTorch's default layout below."""
+    threshold = CHANNELS_LAST_MIN_VOXELS if min_voxels is None else min_voxels
+    return CHANNELS_LAST if math.prod(x.shape[2:]) >= threshold else torch.contiguous_format
 
 
-def to_layout(x: torch.Tensor) -> torch.Tensor:
+def to_layout(x: torch.Tensor, min_voxels: int | None = None) -> torch.Tensor:
     """``x`` in the fast path's layout for its size (a copy only when it is not in that layout already)."""
-    return x.contiguous(memory_format=layout(x))
+    return x.contiguous(memory_format=layout(x, min_voxels))
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -119,7 +109,8 @@ def is_block_upsample(up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> boo
             and list(skip.shape[2:]) == [n * s for n, s in zip(x.shape[2:], up.stride)])
 
 
-def upsample_concat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+def upsample_concat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor,
+                    min_voxels: int | None = None) -> torch.Tensor:
     """``torch.cat([up(x), skip], 1)`` for a transposed conv whose kernel equals its stride (``is_block_upsample``).
 
     Every input voxel becomes one non-overlapping (C_out, sx, sy, sz) block, so the layer is one matrix product
@@ -127,16 +118,17 @@ def upsample_concat(up: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor)
     result, (B, C_out + C_skip, *skip size), has the fast path's layout for its size (``layout``).
     """
     out = torch.empty((x.shape[0], up.out_channels + skip.shape[1], *skip.shape[2:]), dtype=x.dtype,
-                      device=x.device, memory_format=layout(skip))
+                      device=x.device, memory_format=layout(skip, min_voxels))
     _upsample_into(out[:, : up.out_channels], up, x)
     out[:, up.out_channels:].copy_(skip)
     return out
 
 
-def upsample(up: nn.ConvTranspose3d, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def upsample(up: nn.ConvTranspose3d, x: torch.Tensor, like: torch.Tensor,
+             min_voxels: int | None = None) -> torch.Tensor:
     """``up(x)`` as in ``upsample_concat``, in the fast path's layout; ``like`` is a map of the output's size."""
     out = torch.empty((x.shape[0], up.out_channels, *like.shape[2:]), dtype=x.dtype, device=x.device,
-                      memory_format=layout(like))
+                      memory_format=layout(like, min_voxels))
     _upsample_into(out, up, x)
     return out
 

@@ -26,18 +26,20 @@ Splits (``Downstream/splits_final_*.pkl`` of github yeerwen/UniSeg @ e3ae40d, re
 from __future__ import annotations
 
 import json as jsonlib
+import logging
 import os
 import random
 import re
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from .errors import UnisegHubError
-from .files import write_text_atomic
+from ..errors import DatasetLayoutError, UnisegHubError
+from ..files import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 BTCV_LABELS = ("background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach",
                "aorta", "inferior vena cava", "portal vein and splenic vein", "pancreas", "right adrenal gland",
@@ -56,10 +58,6 @@ VS_TRAIN_FRACTION = 0.8
 DATALIST = "datalist.json"
 ANISOTROPY_THRESHOLD = 3.0
 FOREGROUND_STRIDE = 10
-
-
-class DatasetLayoutError(UnisegHubError, ValueError):
-    """A raw dataset folder that does not have the layout ``prepare`` expects."""
 
 
 def vs_official_split(case_names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -299,8 +297,8 @@ def prepare_vs(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, overwrite
 def _warn_missing(dataset: str, missing: Sequence[str]) -> None:
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        print(f"warning: {len(missing)} case(s) of the official {dataset} split are missing ({shown}); the datalist "
-              "holds the others with their official assignment", file=sys.stderr)
+        logger.warning("%d case(s) of the official %s split are missing (%s); the datalist holds the others with "
+                       "their official assignment", len(missing), dataset, shown)
 
 
 def _require_both(train: Sequence[str], validation: Sequence[str], raw: Path) -> None:
@@ -312,7 +310,7 @@ def _require_both(train: Sequence[str], validation: Sequence[str], raw: Path) ->
 PREPARERS = {"btcv": prepare_btcv, "vs": prepare_vs}
 
 
-def prepare(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool = False, json: bool = False) -> None:
+def prepare(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool = False) -> dict:
     """Write a datalist with the paper's official split for a downstream dataset you downloaded (nothing is fetched).
 
     OUT_DIR/datalist.json lists the images and labels where they are (paths relative to OUT_DIR), the split, the
@@ -325,10 +323,9 @@ def prepare(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool = False
         raw_dir: the folder you extracted the dataset into.
         out_dir: where to write datalist.json.
         overwrite: replace an existing datalist.json.
-        json: print the result as JSON.
-    """
-    from .cli import emit
 
+    Returns ``{"datalist", "training", "validation", "layout", "properties"}``.
+    """
     key = str(dataset).strip().lower()
     if key not in PREPARERS:
         raise UnisegHubError(f"unknown dataset {dataset!r}; prepare knows: {', '.join(PREPARERS)}")
@@ -336,5 +333,4 @@ def prepare(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool = False
     content = jsonlib.loads(path.read_text())
     result = {"datalist": str(path), "training": content["numTraining"], "validation": content["numValidation"],
               "layout": content["source"]["layout"], "properties": content["properties"]}
-    emit(result, json, f"wrote {path}: {result['training']} training / {result['validation']} validation cases "
-                       f"({result['layout']} layout), target spacing {content['properties']['target_spacing']} mm")
+    return result

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UnisegHubError
-from .files import atomic_path
-from .network import UniSeg
-from .pretrained import load_model
+from ..errors import UnisegHubError
+from ..files import atomic_path
+from ..networks import UniSeg
+from ..pretrained import load_model
 
 
 class _UniSegGraph(nn.Module):

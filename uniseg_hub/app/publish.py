@@ -16,23 +16,35 @@ The upload is one commit through ``HfApi.create_commit``; its sha becomes the en
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCardData
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCardData,
+)
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import validate_repo_id
 
-from . import __version__, hub
-from .errors import PublishError, UnisegHubError
-from .tasks import TASKS
-from .weights import CONFIG_FILE, WEIGHTS_FILE, build_network, load_checked, read_folder
+from .. import __version__, hub
+from ..config import ManifestEntry
+from ..errors import PublishError, UnisegHubError
+from ..files import sha256_file
+from ..tasks import TASKS
+from ..weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    build_network,
+    load_checked,
+    read_folder,
+)
+from .bundle import bundle_dir as packaged_bundle_dir
 
-BUNDLE_DIR = Path(__file__).resolve().parent.parent / "bundle"
-"""The repository's MONAI bundle; the default of ``bundle_dir`` when it exists (a source checkout)."""
 BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
 BUNDLE_WEIGHTS = "models/" + WEIGHTS_FILE
 OFFICIAL = "uniseg-11task"
@@ -54,7 +66,7 @@ def _bundle_folder(bundle_dir, bundle: bool) -> Path | None:
     if not bundle:
         return None
     if bundle_dir is None:
-        return BUNDLE_DIR if (BUNDLE_DIR / "configs").is_dir() else None
+        return packaged_bundle_dir(required=False)
     folder = Path(bundle_dir).expanduser()
     if not (folder / "configs").is_dir():
         raise PublishError(f"{folder} is not a MONAI bundle folder (it has no configs/); pass the bundle's root, "
@@ -62,57 +74,58 @@ def _bundle_folder(bundle_dir, bundle: bool) -> Path | None:
     return folder
 
 
-def _entry(name: str, description, repo_id: str, config: dict, weights: Path, source_url, manifest) -> dict:
+def _entry(name: str, description, repo_id: str, checkpoint: Checkpoint, weights: Path, source_url,
+           manifest) -> ManifestEntry:
     """The manifest entry of the published file (revision still None): what the manifest knows about ``name``
     (or about the official model) updated with the facts of this folder."""
     active = hub.load_manifest(manifest)
     known = name in active.models
     base = active.models[name] if known else hub.packaged_manifest().models[OFFICIAL]
-    architecture = {"architecture": config["architecture"], "config": config["config"]}
-    converted_from = config.get("source") or {}
-    if known and base["source"].get("original_sha256") and converted_from.get("sha256") \
-            and base["source"]["original_sha256"] != converted_from["sha256"]:
+    config = checkpoint.config
+    converted_from = checkpoint.document.get("source") or {}
+    if known and base.source.get("original_sha256") and converted_from.get("sha256") \
+            and base.source["original_sha256"] != converted_from["sha256"]:
         raise PublishError(
             f"the folder was converted from a file with sha256 {converted_from['sha256']}, but the manifest's {name} "
-            f"comes from {base['source']['original_sha256']}: wrong checkpoint, or choose another --name")
-    if known and base["architecture"] == architecture:
-        preprocessing = copy.deepcopy(base["preprocessing"])
-    elif config["architecture"] == "UniSeg" and config["config"].get("num_tasks") == len(TASKS):
-        preprocessing = hub.official_preprocessing(config["config"]["patch_size"])
+            f"comes from {base.source['original_sha256']}: wrong checkpoint, or choose another --name")
+    if known and base.architecture == config:
+        preprocessing = base.preprocessing.to_dict()
+    elif config.architecture == "UniSeg" and config.num_tasks == len(TASKS):
+        preprocessing = hub.official_preprocessing(config.patch_size)
     else:
         preprocessing = {"axis_order": "MONAI (C, x, y, z)",
                          "note": "not recorded: a fine-tuned model expects the preprocessing of its own training"}
     if known:
-        source = copy.deepcopy(base["source"])
+        source = base.source.to_dict()
     else:
-        source = {k: base["source"][k] for k in ("paper", "paper_url", "code", "code_commit") if k in base["source"]}
+        source = {k: base.source[k] for k in ("paper", "paper_url", "code", "code_commit") if k in base.source}
         source["original_url"] = None
     source.update({
         "original_file": converted_from.get("file") or source.get("original_file"),
         "original_format": converted_from.get("format") or source.get("original_format"),
         "original_sha256": converted_from.get("sha256") or source.get("original_sha256"),
-        "converted_with": f"uniseg-hub {config.get('uniseg_hub_version', __version__)}",
+        "converted_with": f"uniseg-hub {checkpoint.document.get('uniseg_hub_version', __version__)}",
     })
     if source_url is not None:
         source["original_url"] = str(source_url)
     if description is None:
-        description = base["description"] if known else (
-            f"{config['architecture']} converted by uniseg-hub from {source['original_file'] or 'a checkpoint'}")
+        description = base.description if known else (
+            f"{config.architecture} converted by uniseg-hub from {source['original_file'] or 'a checkpoint'}")
     entry = {
         "name": name, "description": str(description), "published": True, "repo_id": repo_id, "revision": None,
-        "sha256": hub.sha256_file(weights), "size": weights.stat().st_size, "filename": WEIGHTS_FILE,
-        "format": "safetensors", "license": copy.deepcopy(base["license"]), "architecture": architecture,
+        "sha256": sha256_file(weights), "size": weights.stat().st_size, "filename": WEIGHTS_FILE,
+        "format": "safetensors", "license": base.license.to_dict(), "architecture": config.to_dict(),
         "preprocessing": preprocessing, "source": source,
     }
-    return hub.validate_entry(entry, "the new manifest entry", require_revision=False)
+    return ManifestEntry.from_dict(entry, "the new manifest entry", require_revision=False)
 
 
-def model_card(entry: dict, with_bundle: bool) -> str:
+def model_card(entry: ManifestEntry, with_bundle: bool) -> str:
     """README.md of the repository: YAML front matter for the Hub, then how to use, licence and provenance."""
-    license_ = entry["license"]
-    data = ModelCardData(license="other", license_name="uniseg-non-commercial", license_link=license_["url"],
+    license_ = entry.license
+    data = ModelCardData(license="other", license_name="uniseg-non-commercial", license_link=license_.url,
                          library_name="uniseg-hub", tags=TAGS, pipeline_tag="image-segmentation")
-    name, repo_id, source = entry["name"], entry["repo_id"], entry["source"]
+    name, repo_id, source = entry.name, entry.repo_id, entry.source
     bundle = (f"""
 ## MONAI bundle
 
@@ -132,10 +145,10 @@ See `docs/README.md` for running inference, evaluation and fine-tuning with it.
 
 # {name}
 
-{entry['description']}.
+{entry.description}.
 
 The weights are in MONAI axis order, (C, x, y, z), as `{WEIGHTS_FILE}`; `{CONFIG_FILE}` describes the
-architecture ({entry['architecture']['architecture']}). Converted and published with {source['converted_with']}
+architecture ({entry.architecture.architecture}). Converted and published with {source['converted_with']}
 (`pip install uniseg-hub`), which reads the official nnU-Net v1 checkpoint without executing pickled code.
 
 ## Use
@@ -161,13 +174,13 @@ model = load_model(snapshot_download("{repo_id}", allow_patterns=["{WEIGHTS_FILE
 
 | file | bytes | sha256 |
 |---|---|---|
-| `{WEIGHTS_FILE}` | {entry['size']} | `{entry['sha256']}` |
+| `{WEIGHTS_FILE}` | {entry.size} | `{entry.sha256}` |
 
 ## Licence
 
 **Non-commercial use only.** The weights come from UniSeg and fall under
-[{license_['name']}]({license_['url']}); for commercial use, contact the authors
-({license_.get('commercial_contact', 'see the licence')}). {license_.get('notes', '')}
+[{license_.name}]({license_.url}); for commercial use, contact the authors
+({license_.commercial_contact or 'see the licence'}). {license_.notes or ''}
 
 ## Provenance
 
@@ -246,7 +259,8 @@ def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None,
         manifest: the manifest that lends the entry's details (default as for ``load_model``).
 
     Returns ``{"repo_id", "folder", "files", "bundle", "commit", "url", "entry"}`` (plus ``large_files_entry`` for
-    the bundle's ``large_files.yml`` after an upload with the bundle).
+    the bundle's ``large_files.yml`` after an upload with the bundle); ``entry`` is the ``ManifestEntry`` to add to
+    the manifest (``entry.to_dict()`` is its JSON), pinned to the new commit (``revision`` None after a dry run).
     """
     repo_id = _check_repo_id(repo_id)
     name = str(name) if name is not None else repo_id.split("/")[1].lower()
@@ -254,13 +268,13 @@ def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None,
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         raise PublishError(f"{folder} is not a converted folder: it needs {WEIGHTS_FILE} and {CONFIG_FILE}, as "
                            "`uniseg-hub convert` writes them")
-    config, state = read_folder(folder)
+    checkpoint = read_folder(folder)
     try:
-        load_checked(build_network(config), state, source=str(folder))
+        load_checked(build_network(checkpoint.config), checkpoint.state, source=str(folder))
     except UnisegHubError as e:
         raise PublishError(f"{folder} does not load into the architecture its {CONFIG_FILE} describes: {e}") from e
     bundle_folder = _bundle_folder(bundle_dir, bundle)
-    entry = _entry(name, description, repo_id, config, folder / WEIGHTS_FILE, source_url, manifest)
+    entry = _entry(name, description, repo_id, checkpoint, folder / WEIGHTS_FILE, source_url, manifest)
     keep = dry_run or out_dir is not None
     out = Path(out_dir).expanduser() if out_dir is not None else Path(tempfile.mkdtemp(prefix="uniseg-hub-publish-"))
     try:
@@ -271,14 +285,13 @@ def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None,
         if dry_run:
             return result
         commit, endpoint = _upload(out, files, repo_id, private=private, token=token, endpoint=endpoint,
-                                   message=f"Publish {name} ({entry['sha256'][:12]}) with uniseg-hub {__version__}")
+                                   message=f"Publish {name} ({entry.sha256[:12]}) with uniseg-hub {__version__}")
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
-    entry["revision"] = commit.oid
-    hub.validate_entry(entry, "the new manifest entry")
-    result.update(commit=commit.oid, url=f"{endpoint}/{repo_id}/tree/{commit.oid}")
+    entry = ManifestEntry.from_dict({**entry.to_dict(), "revision": commit.oid}, "the new manifest entry")
+    result.update(commit=commit.oid, url=f"{endpoint}/{repo_id}/tree/{commit.oid}", entry=entry)
     if bundle_folder is not None:
         result["large_files_entry"] = {"path": BUNDLE_WEIGHTS, "url": f"{endpoint}/{repo_id}/resolve/{commit.oid}/"
-                                       f"{WEIGHTS_FILE}", "hash_val": entry["sha256"], "hash_type": "sha256"}
+                                       f"{WEIGHTS_FILE}", "hash_val": entry.sha256, "hash_type": "sha256"}
     return result

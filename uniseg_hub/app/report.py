@@ -1,7 +1,8 @@
 """What a person looks at after a prediction: label volumes in millilitres and a PNG preview.
 
-Both are computed from the written label map (and the input scan), so they describe exactly the file a viewer
-such as 3D Slicer opens. Files are written atomically.
+Both take arrays and the voxel-to-world affine: the label map as the bundle wrote it (in memory: the values and
+grid of the file a viewer such as 3D Slicer opens) and the input scan as it was loaded; nothing is read back from
+disk. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from .files import atomic_path, write_text_atomic  # noqa: E402
+from ..files import atomic_path, write_text_atomic  # noqa: E402
 
 PREVIEW_SIZE = (1500, 560)
 """Width and height of the preview PNG in pixels."""
@@ -37,11 +38,14 @@ def label_colour(value: int):
     return _COLOURS[(value - 1) % len(_COLOURS)]
 
 
-def label_volumes(label_path: str | Path, label_names: Mapping[int, str]) -> list[dict]:
-    """Voxel count and volume in mL of every foreground label (absent labels included with 0)."""
-    image = nib.load(str(label_path))
-    labels = np.asanyarray(image.dataobj)
-    voxel_ml = abs(float(np.linalg.det(image.affine[:3, :3]))) / 1000.0
+def label_volumes(labels, affine, label_names: Mapping[int, str]) -> list[dict]:
+    """Voxel count and volume in mL of every foreground label (absent labels included with 0).
+
+    ``labels``: the (x, y, z) label map (or (1, x, y, z)), integer values; ``affine``: its voxel-to-world matrix
+    in millimetres (the voxel volume is its determinant).
+    """
+    labels = np.asarray(labels)
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=max(label_names) + 1)
     return [{"label": int(v), "name": n, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 3)}
             for v, n in sorted(label_names.items()) if v != 0]
@@ -72,20 +76,35 @@ def _focus(labels: np.ndarray) -> tuple[tuple[int, int, int], int | None]:
     return tuple(int(round(c)) for c in centre), int(best[1])
 
 
-def render_preview(image_path: str | Path, label_path: str | Path, label_names: Mapping[int, str], png_path: Path,
+def canonical(array: np.ndarray, affine) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The (x, y, z) ``array`` in the closest canonical (RAS) orientation (a view: axes swapped and flipped), and
+    its voxel spacing in that orientation, from the voxel-to-world ``affine`` (as ``nib.as_closest_canonical``)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    orientation = nib.orientations.io_orientation(affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zooms = np.empty(3)
+    zooms[orientation[:, 0].astype(int)] = spacing
+    return nib.orientations.apply_orientation(array, orientation), tuple(float(z) for z in zooms)
+
+
+def render_preview(image, labels, affine, label_names: Mapping[int, str], png_path: str | Path,
                    title: str = "") -> dict:
     """Axial, coronal and sagittal slices through the largest segmented structure, labels overlaid, with a legend.
 
-    Both volumes are shown in the closest canonical (RAS) orientation, with the voxel spacing as aspect ratio.
-    Returns what was drawn (slice indices, focused label, labels shown).
+    ``image``: the scan, (x, y, z) or channel-first (C, x, y, z) (the first channel is shown); ``labels``: the label
+    map on the same grid, (x, y, z) or (1, x, y, z); ``affine``: their voxel-to-world matrix. Both are shown in the
+    closest canonical (RAS) orientation, with the voxel spacing as aspect ratio. Returns what was drawn (slice
+    indices, focused label, labels shown).
     """
-    image = nib.as_closest_canonical(nib.load(str(image_path)))
-    label = nib.as_closest_canonical(nib.load(str(label_path)))
-    data = np.asanyarray(image.dataobj).astype(np.float32)
-    data = data[..., 0] if data.ndim == 4 else data
-    labels = np.asanyarray(label.dataobj).astype(np.int64)
+    image, labels = np.asarray(image), np.asarray(labels)
+    image = image[0] if image.ndim == 4 else image
+    labels = labels[0] if labels.ndim == 4 else labels
+    if image.shape != labels.shape:
+        raise ValueError(f"the image {image.shape} and the label map {labels.shape} must share one grid")
+    data, _ = canonical(image, affine)
+    data = data.astype(np.float32)
+    labels, zooms = canonical(labels.astype(np.int64), affine)
     (x, y, z), focus = _focus(labels)
-    zooms = label.header.get_zooms()[:3]
     low, high = np.percentile(data, [1, 99]) if data.size else (0, 1)
     present = [int(v) for v in np.unique(labels) if v > 0]
     colours = ListedColormap([(0, 0, 0, 0)] + [(*label_colour(v)[:3], 1.0) for v in range(1, max(present + [1]) + 1)])

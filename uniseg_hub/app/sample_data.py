@@ -15,8 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import UnisegHubError
-from .files import atomic_path, sha256_file
+from ..errors import SampleDataError
+from ..files import atomic_path, sha256_file
 
 SDIST = "totalsegmentator==2.18.0"
 SDIST_FILE = "totalsegmentator-2.18.0.tar.gz"
@@ -39,10 +39,6 @@ SAMPLES = {
                        "372d98723e3283a8d4a0ae2f0ef1e581c0ad17b673b30b2e8d3e215180cc2a12",
                        "CT torso, 233x167x191 at 1.5 mm"),
 }
-
-
-class SampleDataError(UnisegHubError):
-    """The sample data could not be fetched or failed verification."""
 
 
 def cache_dir() -> Path:

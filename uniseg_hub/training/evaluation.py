@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
-from .errors import UnisegHubError
-from .files import write_text_atomic
+from ..errors import UnisegHubError
+from ..files import write_text_atomic
+from ..pipeline.cases import case_name
 
 
 def dice_per_label(pred: torch.Tensor, label: torch.Tensor, labels: Mapping[int, str]) -> dict[int, float]:
@@ -55,13 +55,10 @@ def hd95_per_label(pred: torch.Tensor, label: torch.Tensor, labels: Mapping[int,
 
 
 def _case_name(item: Mapping) -> str:
+    """The case an evaluated item comes from (``pipeline.cases.case_name`` of its first input file)."""
     meta = getattr(item.get("image"), "meta", None) or getattr(item.get("pred"), "meta", {})
     name = meta.get("filename_or_obj", "case")
-    name = os.path.basename(name[0] if isinstance(name, (list, tuple)) else str(name))
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return case_name(name[0] if isinstance(name, (list, tuple)) else str(name))
 
 
 def _json_number(x: float):

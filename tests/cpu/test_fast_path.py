@@ -1,0 +1,360 @@
+"""The CPU inference fast path (``uniseg_hub.cpu.prepare_for_inference``) changes speed, never results.
+
+Each prepared model is compared with the plain model it wraps, on small configurations, within float32 tolerance,
+and with a float64 run of the same weights, so the fast path is shown to be as accurate as the plain one (not only
+close to it). No timing here: speed is the benchmark's job.
+"""
+
+import copy
+import itertools
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import uniseg_hub.cpu.fast_path as fast_path
+from uniseg_hub.cpu import CpuInferenceBackbone, CpuInferenceModel, prepare_for_inference
+from uniseg_hub.cpu.fast_path import instance_norm_act_, upsample_concat
+from uniseg_hub.errors import InputShapeError
+from uniseg_hub.networks import ConvBlock, UniSeg, UniSegBackbone
+from uniseg_hub.pipeline import TaskPredictor
+from uniseg_hub.tasks import get_task
+
+FEATURES = (32, 32, 32, 32, 32, 32)  # PyTorch picks the default layout for a few channels, whatever the input
+PATCH = (32, 32, 32)  # bottleneck 1 x 1 x 2
+TOL = dict(rtol=1e-4, atol=1e-4)
+SMALL_MAPS = 4096
+"""Channels-last threshold for the small test maps, so that they take both layouts of the fast path as the
+full-size ones do: channels-last for the levels of at least 4096 voxels, the default layout below."""
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial biases and norm affines (fresh ones are 0 and 1), so that every term is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomise(UniSeg(features=FEATURES, patch_size=PATCH))
+
+
+@pytest.fixture(scope="module")
+def prepared(model):
+    return prepare_for_inference(model, channels_last_min_voxels=SMALL_MAPS)
+
+
+def no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def counting(monkeypatch, name: str) -> list:
+    """Record the calling thread of every call of the kernel ``fast_path.<name>``."""
+    calls, kernel = [], getattr(fast_path, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(threading.get_ident())
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fast_path, name, wrapper)
+    return calls
+
+
+def test_universal_model_matches_the_plain_model_and_float64(model, prepared):
+    x = torch.randn(2, 1, *PATCH) * 0.3 + 0.4
+    tasks = torch.tensor([3, 7])  # a mixed-task batch
+    reference = no_grad(model, x, tasks)
+    out = no_grad(prepared, x, tasks)
+    assert out.shape == reference.shape and out.is_contiguous()
+    torch.testing.assert_close(out, reference, **TOL)
+    # as accurate as the plain model: both against a float64 run of the same weights
+    exact = no_grad(copy.deepcopy(model).double(), x.double(), tasks)
+    error_plain = (reference.double() - exact).abs().max().item()
+    error_fast = (out.double() - exact).abs().max().item()
+    assert error_fast <= 4 * error_plain + 1e-6, (error_fast, error_plain)
+    assert torch.equal(out, no_grad(prepared, x, tasks))  # deterministic
+
+
+@pytest.mark.parametrize("config", [
+    # four stages, other kernels and strides, three stems, three tasks of two channels
+    dict(in_channels=(1, 3, 4), features=(32, 32, 48, 48), kernel_sizes=((3, 3, 3), (1, 3, 3), (3, 3, 3), (3, 1, 3)),
+         strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 1)), num_tasks=3, head_channels=2, patch_size=(32, 32, 32)),
+    # the official layout, wider, on a size other than the training patch (resized prompt)
+    dict(features=(16, 32, 32, 48, 48, 64), num_tasks=3, patch_size=(32, 32, 32), resize_prompt=True),
+])
+def test_other_configurations_match_the_plain_model(config):
+    torch.manual_seed(2)
+    resize = config.pop("resize_prompt", False)
+    model = randomise(UniSeg(resize_prompt=resize, **config))
+    size = (64, 32, 32) if resize else model.patch_size
+    channels = model.encoder.in_channels[-1]
+    x = torch.randn(1, channels, *size)
+    prepared = prepare_for_inference(model, channels_last_min_voxels=SMALL_MAPS)
+    tasks = list(range(model.num_tasks))
+    references = [no_grad(model, x, task) for task in tasks]
+    out = no_grad(prepared, x, tasks[-1])
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, references[-1], **TOL)
+    together = no_grad(prepared.decode_tasks, no_grad(prepared.encode, x), tasks)
+    for out, reference in zip(together, references):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, reference, **TOL)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_backbone_matches_the_plain_model(channels, monkeypatch):
+    torch.manual_seed(1)
+    backbone = randomise(UniSegBackbone(5, features=FEATURES))
+    prepared = prepare_for_inference(backbone, channels_last_min_voxels=SMALL_MAPS)
+    assert isinstance(prepared, CpuInferenceBackbone)
+    fused = counting(monkeypatch, "instance_norm_act_")
+    x = torch.randn(1, channels, 64, 32, 32)  # any size divisible by the total stride
+    out = no_grad(prepared, x)
+    assert fused  # the fast path ran
+    assert out.shape == (1, 5, 64, 32, 32) and out.is_contiguous()
+    torch.testing.assert_close(out, no_grad(backbone, x), **TOL)
+    with pytest.raises(InputShapeError, match="divisible"):
+        no_grad(prepared, torch.randn(1, channels, 60, 32, 32))
+
+
+def test_encode_then_decode_for_several_tasks_matches(model, prepared):
+    x = torch.randn(1, 1, *PATCH)
+    skips_plain, skips_fast = no_grad(model.encode, x), no_grad(prepared.encode, x)
+    assert fast_path.is_channels_last(skips_fast[0])  # the fast path's layout (PyTorch may pick another for tiny maps)
+    for a, b in zip(skips_fast, skips_plain):
+        torch.testing.assert_close(a, b, **TOL)
+    for task in ("liver", "vertebrae", 10):
+        out = no_grad(prepared.decode, skips_fast, task)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, no_grad(model.decode, skips_plain, task), **TOL)
+        # the plain model's maps work too
+        torch.testing.assert_close(no_grad(prepared.decode, skips_plain, task), out, **TOL)
+
+
+def test_decoding_several_tasks_computes_the_skip_terms_once(model, prepared):
+    x = torch.randn(2, 1, *PATCH)
+    tasks = ["liver", 3, "vertebrae"]
+    skips = no_grad(prepared.encode, x)
+
+    def gflop(fn, *args):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            no_grad(fn, *args)
+        return counter.get_total_flops() / 1e9
+
+    one = gflop(prepared.decode, skips, tasks[0])
+    two, three = gflop(prepared.decode_tasks, skips, tasks[:2]), gflop(prepared.decode_tasks, skips, tasks)
+    assert two < 2 * one and three - two < 0.9 * one  # every further task costs less than a whole decode
+    together = no_grad(prepared.decode_tasks, skips, tasks)
+    for task, out in zip(tasks, together):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, no_grad(model.decode, no_grad(model.encode, x), task), **TOL)
+
+
+@pytest.mark.parametrize("threshold", [1, SMALL_MAPS, 10**9])
+def test_every_channels_last_threshold_gives_the_same_results(model, threshold):
+    """All levels channels-last, the large ones only, none: the layouts meet at other levels, same results."""
+    prepared = prepare_for_inference(model, channels_last_min_voxels=threshold)
+    x = torch.randn(1, 1, *PATCH)
+    skips = no_grad(prepared.encode, x)
+    assert fast_path.is_channels_last(skips[0]) == (threshold <= SMALL_MAPS)
+    reference = no_grad(model.encode, x)
+    for a, b in zip(skips, reference):
+        torch.testing.assert_close(a, b, **TOL)
+    outputs = [no_grad(prepared.decode, skips, 0), *no_grad(prepared.decode_tasks, skips, [0, 5])]
+    assert all(out.is_contiguous() for out in outputs)
+    for out, task in zip(outputs, [0, 0, 5]):
+        torch.testing.assert_close(out, no_grad(model.decode, reference, task), **TOL)
+
+
+class ScaledConvBlock(ConvBlock):
+    """A conv block whose forward differs from ``ConvBlock``'s: the wrapper must run it as it is."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x) + 1
+
+
+class Shift(nn.Module):
+    def forward(self, x):
+        return x - 0.25
+
+
+def test_modules_it_does_not_know_run_as_they_are(model):
+    """The structure is read, not assumed: a changed block runs as is, a level whose first conv cannot be split
+    off is decoded in full, the other levels still share their skip terms."""
+    changed = copy.deepcopy(model)
+    first = changed.decoder.blocks[1]
+    changed.decoder.blocks[1] = nn.Sequential(Shift(), *first)  # level 1: no conv first, not shareable
+    second = changed.decoder.blocks[3][1]
+    scaled = ScaledConvBlock(second.conv.in_channels, second.conv.out_channels, second.conv.kernel_size)
+    scaled.load_state_dict(second.state_dict())
+    changed.decoder.blocks[3][1] = scaled  # level 3: a block with its own forward after the shared conv
+    changed.encoder.stages[2].append(Shift())  # an unknown module inside an encoder stage
+    prepared = prepare_for_inference(changed, channels_last_min_voxels=SMALL_MAPS)
+    x = torch.randn(1, 1, *PATCH)
+    reference = [no_grad(changed, x, t) for t in (0, 4)]
+    assert not torch.allclose(reference[0], no_grad(model, x, 0), **TOL)  # the changes change the result
+    torch.testing.assert_close(no_grad(prepared, x, 0), reference[0], **TOL)
+    together = no_grad(prepared.decode_tasks, no_grad(prepared.encode, x), [0, 4])
+    for out, expected in zip(together, reference):
+        torch.testing.assert_close(out, expected, **TOL)
+
+
+def test_calls_that_cannot_take_the_fast_path_go_to_the_plain_model(model, prepared, monkeypatch):
+    fused = counting(monkeypatch, "instance_norm_act_")
+    x = torch.randn(1, 1, *PATCH)
+    out = prepared(x, 0)  # gradients on
+    assert out.requires_grad and torch.equal(out, model(x, 0))
+    double = prepare_for_inference(copy.deepcopy(model).double())
+    with torch.no_grad():
+        torch.testing.assert_close(double(x.double(), 0), double.model(x.double(), 0), rtol=0, atol=0)
+    assert not fused
+    with torch.inference_mode():
+        prepared(x, 0)
+    assert fused  # inference mode is a no-gradient mode: fast
+
+
+def test_training_through_the_wrapper_is_plain_training(model, monkeypatch):
+    train = copy.deepcopy(model).train()
+    prepared = prepare_for_inference(train)
+    fused = counting(monkeypatch, "instance_norm_act_")
+    x = torch.randn(1, 1, *PATCH)
+    outputs = prepared(x, 0)
+    reference = train(x, 0)
+    assert len(outputs) == 5 and all(torch.equal(a, b) for a, b in zip(outputs, reference))
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad is not None for p in train.decoder.parameters())
+    assert not fused
+
+
+def test_the_user_model_is_shared_not_changed(model):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare_for_inference(model, channels_last_min_voxels=1)
+    assert isinstance(prepared, CpuInferenceModel) and prepared.model is model
+    assert all(a is b for a, b in zip(prepared.parameters(), model.parameters()))
+    assert len(list(prepared.parameters())) == len(list(model.parameters()))
+    assert prepare_for_inference(prepared) is prepared
+    assert prepared.patch_size == model.patch_size and prepared.task_index("liver") == 0
+    x = torch.randn(1, 1, *PATCH)
+    no_grad(prepared, x, 0)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+    # the plain model stays plain: its maps in the default layout, no process-wide switch anywhere
+    assert all(m.is_contiguous() for m in no_grad(model.encode, x))
+    assert not hasattr(fast_path, "_ENABLED") and not hasattr(fast_path, "fast_inference")
+    with pytest.raises(TypeError, match="UniSeg"):
+        prepare_for_inference(nn.Conv3d(1, 1, 1))
+
+
+def test_input_errors_are_the_models(prepared):
+    with pytest.raises(InputShapeError, match="channels"):
+        no_grad(prepared, torch.randn(1, 3, *PATCH), 0)
+    with pytest.raises(InputShapeError, match="not accepted"):
+        no_grad(prepared, torch.randn(1, 1, 64, 64, 32), 0)
+
+
+def test_one_prepared_model_and_the_plain_one_in_two_threads(model, prepared, monkeypatch):
+    """No global state: one thread infers through the wrapper (no gradients), the other trains the plain model's
+    forward with gradients at the same time; each gets its own path and correct results."""
+    fused = counting(monkeypatch, "instance_norm_act_")
+    x = torch.randn(1, 1, *PATCH)
+    expected = no_grad(model, x, 2)
+    with torch.enable_grad():
+        expected_grad = model(x, 2)
+    results, errors = {}, []
+
+    def infer():
+        try:
+            with torch.no_grad():
+                results["fast"] = [prepared(x, 2) for _ in range(3)]
+            results["fast_thread"] = threading.get_ident()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    def plain_with_gradients():
+        try:
+            results["plain"] = [model(x, 2) for _ in range(3)]
+            results["plain_thread"] = threading.get_ident()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=infer), threading.Thread(target=plain_with_gradients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for out in results["fast"]:
+        assert not out.requires_grad and out.is_contiguous()
+        torch.testing.assert_close(out, expected, **TOL)
+    for out in results["plain"]:
+        assert out.requires_grad
+        torch.testing.assert_close(out, expected_grad, rtol=1e-6, atol=1e-6)
+    assert set(fused) == {results["fast_thread"]}  # the fast kernels ran in the inferring thread only
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_predictor_runs_the_prepared_model_and_matches_the_plain_one(model, mirror):
+    x = torch.randn(1, 1, *PATCH)
+    for tasks in ([get_task("liver")], [get_task("kidney"), get_task("pancreas"), get_task("liver")]):
+        predictor = TaskPredictor(model, tasks, mirror=mirror)
+        plain = TaskPredictor(model, tasks, mirror=mirror, cpu_fast_path=False)
+        assert isinstance(predictor.model, CpuInferenceModel) and predictor.model.model is model
+        assert plain.model is model
+        out, reference = predictor(x), plain(x)
+        assert out.shape == reference.shape
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+        if not mirror:
+            continue
+        # the mirrored average is the official one: the mean of the flipped softmaxes, computed by hand
+        flips = [a for n in range(4) for a in itertools.combinations((2, 3, 4), n)]
+        with torch.no_grad():
+            by_hand = torch.cat([sum(torch.flip(model(torch.flip(x, a), t.id).softmax(1), a) for a in flips) / 8
+                                 for t in tasks], 1)
+        expected = by_hand[:, : tasks[0].num_classes] if len(tasks) == 1 else by_hand
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [(2, 2, 1), (2, 2, 2), (1, 2, 2)])
+@pytest.mark.parametrize("input_layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("output_channels_last", [False, True])
+def test_transposed_convolution_as_one_matrix_product(stride, input_layout, output_channels_last):
+    torch.manual_seed(3)
+    up = nn.ConvTranspose3d(12, 6, stride, stride=stride, bias=False)
+    x = torch.randn(2, 12, 5, 6, 7).contiguous(memory_format=input_layout)
+    skip = torch.randn(2, 6, *(n * s for n, s in zip(x.shape[2:], stride)))
+    with torch.no_grad():
+        expected = torch.cat([up(x), skip], 1)
+        out = upsample_concat(up, x, skip, min_voxels=1 if output_channels_last else 10**9)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert fast_path.is_channels_last(out) == output_channels_last and out.is_contiguous() != output_channels_last
+
+
+@pytest.mark.parametrize("mean", [0.0, 3.0, 300.0])
+def test_channels_last_instance_norm_is_as_accurate_as_instance_norm(mean, monkeypatch):
+    """Large |mean| / std is where a one-pass variance (PyTorch's channels-last group/batch norm) loses digits."""
+    monkeypatch.setattr(fast_path, "CHUNK_ELEMENTS", 1000)  # many chunks and a short last one
+    g = torch.Generator().manual_seed(6)
+    norm = nn.InstanceNorm3d(5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(5, generator=g))  # negative scales too
+        norm.bias.copy_(torch.randn(5, generator=g))
+    x = torch.randn(2, 5, 13, 11, 7, generator=g, dtype=torch.float64) * 0.5 + mean
+    x[:, 2] *= 40  # channels of different scale
+    exact = F.leaky_relu(F.instance_norm(x, weight=norm.weight.double(), bias=norm.bias.double()), 0.01)
+    with torch.no_grad():
+        reference = F.leaky_relu(norm(x.float()), 0.01)
+        out = instance_norm_act_(x.float().contiguous(memory_format=torch.channels_last_3d), norm, 0.01)
+    assert fast_path.is_channels_last(out)
+    error_reference = (reference.double() - exact).abs().max().item()
+    error = (out.double() - exact).abs().max().item()
+    assert error <= 4 * error_reference + 1e-6, (error, error_reference)

@@ -1,0 +1,273 @@
+"""Segmentation for people: ``uniseg-hub predict`` and ``uniseg-hub demo``.
+
+``predict`` runs the bundle's ``inference.json`` (MONAI's ``ConfigWorkflow`` with overrides; the one inference
+pipeline) and takes what it needs from that run: the tasks, label names and output names the configuration
+decided, and, from the evaluator's state, the label map as it was saved (values, affine, ``saved_to``) and the scan
+as it was loaded. It then writes what a person looks at: a PNG preview and a table of label volumes. Each input
+file is opened once and no output is read back.
+
+Errors: a uniseg-hub error (or an ``OSError``) raised inside MONAI (a transform, a config expression) arrives
+wrapped in MONAI's ``RuntimeError``s and is re-raised as itself (``unwrap_error``); anything else is a bug and
+propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import PredictOptions
+from ..errors import InputError, UnisegHubError
+from .bundle import bundle_dir
+
+DEFAULT_MODEL = "uniseg-11task"
+"""The manifest name of the official 11-task model."""
+
+
+@dataclass
+class Prediction:
+    """Where the outputs of one prediction are, and the label volumes."""
+
+    label_map: str
+    task: str
+    seconds: float
+    probabilities: str | None = None
+    preview: str | None = None
+    volumes_json: str | None = None
+    volumes_csv: str | None = None
+    volumes: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def unwrap_error(error: BaseException) -> BaseException | None:
+    """The uniseg-hub error (or ``OSError``) that MONAI wrapped, else None.
+
+    MONAI re-raises what a transform, a config expression or a component raises as a plain ``RuntimeError`` from
+    the original (``apply_transform``, ``ConfigExpression.evaluate``, ``instantiate``), once per level. A chain of
+    only such wrappers down to a ``UnisegHubError`` or an ``OSError`` is an error the user can act on; any other
+    chain is a bug and stays as it is.
+    """
+    seen = error
+    while type(seen) is RuntimeError and seen.__cause__ is not None:
+        seen = seen.__cause__
+    return seen if seen is not error and isinstance(seen, (UnisegHubError, OSError)) else None
+
+
+def _typed(call, *args, **kwargs):
+    """``call(*args, **kwargs)``, with an error MONAI wrapped raised as itself (``unwrap_error``)."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as e:
+        root = unwrap_error(e)
+        if root is None:
+            raise
+    raise root  # outside the handler: no context chain back to the wrapper (it holds the root as its cause)
+
+
+def predict(
+    inputs: Sequence[str] | str,
+    task: str | int = "liver",
+    out_dir: str = "uniseg-output",
+    weights: str = DEFAULT_MODEL,
+    device: str | None = None,
+    tta: bool = True,
+    overlap: float = 0.5,
+    probabilities: bool = False,
+    preview: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    modality: str = "CT",
+    sw_batch_size: int = 1,
+) -> Prediction:
+    """Segment one scan (one file, or one file per channel, or a DICOM series folder) for a task or ``"all"``.
+
+    Writes ``<case>_<task>.nii.gz`` (uint8 labels, the input's grid), optionally ``<case>_<task>_probabilities
+    .nii.gz``, ``<case>_<task>_preview.png`` and ``<case>_<task>_volumes.{json,csv}`` into ``out_dir``, where
+    ``<case>`` is the first input's name without its image suffix (``pipeline.cases.CaseLayout``). Existing outputs
+    are an error unless ``overwrite``; every file is written atomically. The options are checked first
+    (``config.PredictOptions``, ``ConfigError`` naming the option).
+    """
+    options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
+                             probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
+                             modality=modality, sw_batch_size=sw_batch_size)
+    inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
+    if not inputs:
+        raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
+    start = time.perf_counter()
+    workflow = _typed(_workflow, bundle_overrides(options, inputs))
+    parsed = lambda name: _typed(workflow.parser.get_parsed_content, name)  # noqa: E731
+    postfix, names, layout = parsed("output_postfix"), parsed("label_names"), parsed("label_layout")
+    planned = {"label_map": layout.filename(subject=inputs[0])}  # the name SaveImaged will give (same layout)
+    if options.probabilities:
+        planned["probabilities"] = parsed("probabilities_layout").filename(subject=inputs[0])
+    planned.update(companions(layout, planned["label_map"], options.preview))
+    existing = [p for p in planned.values() if os.path.exists(p)]
+    if existing and not options.overwrite:
+        raise InputError(f"{existing[0]} already exists; choose another --out folder or pass --overwrite")
+    _check_writable(options.out_dir)
+    cases = run_workflow(workflow)
+    if len(cases) != 1:
+        raise RuntimeError(f"the bundle segmented {len(cases)} cases for one input")
+    case = cases[0]
+    from .report import label_volumes, render_preview, write_volume_tables
+
+    result = Prediction(label_map=case["label_map"], task=postfix, seconds=0.0,
+                        probabilities=case.get("probabilities"))
+    files = companions(layout, result.label_map, options.preview)
+    result.volumes = label_volumes(case["labels"], case["affine"], names)
+    write_volume_tables(result.volumes, Path(files["volumes_json"]), Path(files["volumes_csv"]))
+    result.volumes_json, result.volumes_csv = files["volumes_json"], files["volumes_csv"]
+    if options.preview:
+        render_preview(case["source"], case["labels"], case["affine"], names, Path(files["preview"]),
+                       title=f"UniSeg: {postfix}")
+        result.preview = files["preview"]
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
+
+
+def companions(layout, label_map: str, preview: bool = True) -> dict[str, str]:
+    """The files predict writes beside the label map, named after it (``CaseLayout.companion``)."""
+    names = {"preview": "preview.png"} if preview else {}
+    names.update(volumes_json="volumes.json", volumes_csv="volumes.csv")
+    return {key: layout.companion(label_map, name) for key, name in names.items()}
+
+
+def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
+    """The ``inference.json`` overrides for ``options`` and the input files (one, or one per channel)."""
+    overrides = {"input": inputs[0] if len(inputs) == 1 else list(inputs), "task": options.task,
+                 "modality": options.modality, "output_dir": options.out_dir, "weights": options.weights,
+                 "tta": options.tta, "overlap": options.overlap, "overwrite": options.overwrite,
+                 "progress": options.progress, "save_probabilities": options.probabilities,
+                 "keep_source": options.preview, "sw_batch_size": options.sw_batch_size}
+    if options.device is not None:
+        overrides["device"] = f"$torch.device({options.device!r})"
+    return overrides
+
+
+def _check_writable(folder: str) -> None:
+    """An output folder that cannot be written is an ``OSError`` now, not after the segmentation (MONAI's
+    ``SaveImage`` reports a failed write as a ``RuntimeError`` without the cause)."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "cannot write to the output folder", str(existing))
+
+
+def quiet() -> None:
+    """Silence MONAI's and ignite's loggers (they have their own handlers and levels, and log failures that we
+    report ourselves in one line): people read our output."""
+    for name in ["monai", "ignite", *logging.root.manager.loggerDict]:
+        if name.split(".")[0] in ("monai", "ignite"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _workflow(overrides: dict):
+    """The bundle's ``configs/inference.json`` with ``overrides``, initialized (nothing is built or run yet)."""
+    from monai.bundle import ConfigWorkflow
+
+    root = bundle_dir()
+    quiet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        workflow = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"),
+                                  meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                                  workflow_type="infer", bundle_root=str(root), **overrides)
+        workflow.initialize()
+    return workflow
+
+
+class CaseOutputs:
+    """Ignite handler for the bundle's evaluator: after each iteration, what the postprocessing left of each case
+    (decollated items: batch and output), as ``case_outputs`` takes it."""
+
+    def __init__(self):
+        self.cases: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        items = zip(batch, output) if isinstance(output, list) else [(batch, output)]
+        self.cases.extend(case_outputs({**b, **o}) for b, o in items)
+
+
+def case_outputs(item: dict) -> dict:
+    """One case of the run: ``label_map`` (where it was saved), ``labels`` ((x, y, z) uint8, as saved), ``affine``
+    (its voxel-to-world matrix), ``probabilities`` (where they were saved, if they were) and ``source`` (the scan
+    as loaded, channel-first, if ``keep_source``)."""
+    pred = item["pred"]
+    out = {"label_map": str(pred.meta["saved_to"]),
+           "labels": np.asarray(pred.detach().cpu()[0]).astype(np.uint8),  # SaveImaged's output_dtype
+           "affine": np.asarray(pred.affine.detach().cpu(), dtype=np.float64)}
+    if "probabilities" in item:
+        out["probabilities"] = str(item["probabilities"].meta["saved_to"])
+    if "source" in item:
+        out["source"] = np.asarray(item["source"].detach().cpu())
+    return out
+
+
+def run_workflow(workflow) -> list[dict]:
+    """Run an initialized ``inference.json`` workflow; the outputs of each case (``case_outputs``)."""
+    collect = CaseOutputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        collect.attach(_typed(lambda: workflow.evaluator))
+        quiet()  # the engines made their loggers just now
+        _typed(workflow.run)
+        _typed(workflow.finalize)
+    return collect.cases
+
+
+def _run_bundle(overrides: dict) -> list[dict]:
+    """Run ``configs/inference.json`` of the bundle with ``overrides``, quietly; the outputs of each case."""
+    return run_workflow(_typed(_workflow, overrides))
+
+
+def demo(weights: str | None = None, out_dir: str = "uniseg-demo", task: str = "liver", tta: bool = False,
+         device: str | None = None, overwrite: bool = True, progress: bool = True) -> list[Prediction]:
+    """Segment the sample CT (TotalSegmentator example, from PyPI, sha256-pinned) for ``task`` and for all CT tasks.
+
+    ``weights``: a converted folder, or None for the default published model. The weights are checked first, so
+    a machine without them learns that in one line before anything is downloaded.
+    """
+    from .sample_data import fetch_sample
+
+    source = weights if weights is not None else _published_default()
+    scan = fetch_sample("ct_small")
+    return [predict(scan, t, out_dir, source, device=device, tta=tta, overwrite=overwrite, progress=progress)
+            for t in (task, "all")]
+
+
+def _published_default() -> str:
+    """The default model's name once its file is downloaded and verified, or one error saying how to get weights."""
+    from ..errors import NotAvailableOfflineError, NotPublishedError
+    from ..hub import download
+
+    try:
+        download(DEFAULT_MODEL)
+        return DEFAULT_MODEL
+    except (NotPublishedError, NotAvailableOfflineError) as e:
+        reason = "it is not published on the Hugging Face Hub yet" if isinstance(e, NotPublishedError) else \
+            "it is not in the cache and the Hub cannot be reached"
+        raise UnisegHubError(
+            f"no UniSeg weights available ({DEFAULT_MODEL}: {reason}); either convert the official checkpoint "
+            f"(uniseg-hub convert model_final_checkpoint.model ./{DEFAULT_MODEL}, then uniseg-hub demo --weights "
+            f"./{DEFAULT_MODEL}) or publish a converted copy (uniseg-hub publish ./{DEFAULT_MODEL} --repo-id "
+            "ORG/NAME) and add its manifest entry"
+        ) from e

@@ -1,0 +1,33 @@
+"""The inference pipeline's own pieces; ``bundle/configs/inference.json`` wires them with MONAI's transforms,
+inferer and evaluator (the one inference pipeline: ``uniseg_hub.app.predict`` drives that config).
+
+* ``cases``: what to segment (datalists, nnU-Net channel naming), with which tasks, case and output names;
+* ``transforms``: input checks, the official normalisation, the all-tasks merge, a fast argmax;
+* ``predictor``: the network as the sliding-window inferer sees it (softmax, mirroring, all-tasks mode);
+* ``resampling``: back to the input grid; ``nifti_io``: fast NIfTI reading and atomic writing.
+"""
+
+from .cases import (
+    IMAGE_SUFFIXES,
+    MERGED_CLASSES,
+    case_name,
+    count_channels,
+    datalist,
+    image_reader,
+    resolve_tasks,
+    task_spacing,
+)
+from .nifti_io import AtomicNibabelWriter, NiftiReader
+from .predictor import TaskPredictor
+from .resampling import InvertToInputd
+from .transforms import (
+    ArgMaxd,
+    CheckImaged,
+    CheckInputFilesd,
+    MergeTasksd,
+    NormalizeTaskd,
+)
+
+__all__ = ["IMAGE_SUFFIXES", "MERGED_CLASSES", "case_name", "count_channels", "datalist", "image_reader",
+           "resolve_tasks", "task_spacing", "AtomicNibabelWriter", "NiftiReader", "TaskPredictor", "InvertToInputd",
+           "ArgMaxd", "CheckImaged", "CheckInputFilesd", "MergeTasksd", "NormalizeTaskd"]

@@ -1,0 +1,230 @@
+"""What to segment and with which tasks: datalists, case and output names, input files and their reader."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.data import FolderLayoutBase
+
+from ..errors import InputError
+from ..tasks import GROUPS, Task, get_task, tasks_in_group
+from .nifti_io import NiftiReader
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+MERGED_CLASSES = 1 + max(v for g in GROUPS for t in tasks_in_group(g) for v in t.merged_labels)
+"""Channels of the one-hot all-tasks map: background plus the 17 merged labels."""
+
+
+def resolve_tasks(task: int | str, modality: str = "CT", channels: int | None = None) -> tuple[Task, ...]:
+    """The tasks to run: one task, or for ``"all"`` every task of the modality group that takes ``channels``.
+
+    For ``"all"`` the group is PET-CT for 2-channel and MR for 4-channel input, else ``modality`` (CT or MR).
+    The official code runs all tasks for CT only (its MR and PET-CT branches index tasks that do not exist); this
+    runs the matching tasks of every group.
+    """
+    if str(task).strip().lower() != "all":
+        one = get_task(task)
+        if channels is not None and channels != one.num_channels:
+            raise InputError(
+                f"task {one.name} takes {one.num_channels} channel(s) ({', '.join(one.channels)}), but the input has "
+                f"{channels}; pass {one.num_channels} file(s) or choose a task for {channels}-channel input"
+            )
+        return (one,)
+    channels = channels or 1
+    group = {2: "PET-CT", 4: "MR"}.get(channels, modality)
+    chosen = tuple(t for t in tasks_in_group(group) if t.num_channels == channels)
+    if not chosen:
+        raise InputError(f"no {group} task takes {channels}-channel input; UniSeg takes 1 (CT, MR), 2 (CT+PET) or 4 "
+                         "(BraTS MR) channels")
+    return chosen
+
+
+def task_spacing(tasks: Sequence[Task]) -> tuple[float, float, float]:
+    """The spacing to resample to: the first task's; the official all-tasks mode uses one spacing for all."""
+    return tasks[0].spacing
+
+
+def check_dicom_folder(path: str) -> None:
+    """A DICOM series folder: read later by MONAI's ITKReader, so ITK must be installed."""
+    try:
+        import itk  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"{path} is a folder, read as a DICOM series with ITK, which is not installed; "
+                         "pip install itk-io (or uniseg-hub[dicom])") from e
+    if not any(os.scandir(path)):
+        raise InputError(f"{path} is an empty folder; pass a NIfTI file or a folder holding one DICOM series")
+
+
+_OPENED: dict[tuple, object] = {}
+_OPENED_MAX = 8
+"""Inputs whose header was read (``open_image``) and whose voxels were not read yet (``take_image``), by file
+identity: the checks before loading (``count_channels``, ``CheckInputFilesd``) and the loading itself
+(``CaseReader``) share one ``nibabel.load`` per file. A nibabel image holds its header and the file's name, not
+its voxels; the oldest entries go beyond ``_OPENED_MAX`` (checked files that were never loaded)."""
+
+
+def _identity(path: str) -> tuple:
+    """A file's identity for ``_OPENED``: a file replaced or changed since its header was read is read again."""
+    stat = os.stat(path)
+    return os.path.abspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def open_image(path: str):
+    """The nibabel image of the NIfTI file ``path``: its header, its voxels not read yet (``nibabel.load``, once per
+    file until ``take_image`` takes it). InputError for missing or unreadable files."""
+    if not os.path.isfile(path):
+        raise InputError(f"input {path} does not exist")
+    key = _identity(path)
+    if key not in _OPENED:
+        try:
+            image = nib.load(path)
+        except Exception as e:  # nibabel raises several types for foreign or damaged files
+            raise InputError(f"cannot read {path} as NIfTI ({type(e).__name__}: {e}); pass a .nii or .nii.gz "
+                             "image") from e
+        while len(_OPENED) >= _OPENED_MAX:
+            _OPENED.pop(next(iter(_OPENED)))
+        _OPENED[key] = image
+    return _OPENED[key]
+
+
+def take_image(path: str):
+    """The image ``open_image`` read the header of, handed over once (the reader reads its voxels), or a fresh
+    ``nibabel.load`` when the file was not opened before."""
+    try:
+        image = _OPENED.pop(_identity(path), None)
+    except OSError:
+        image = None  # let nibabel say what is wrong with the path
+    return nib.load(path) if image is None else image
+
+
+def describe_file(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) from the header only (``open_image``), with an InputError for missing or unreadable files."""
+    image = open_image(path)
+    return tuple(int(n) for n in image.shape), image.affine
+
+
+def count_channels(data: Sequence[Mapping], key: str = "image") -> int:
+    """Channels of the first datalist item: one per file, or the 4th axis of a single 4-D file."""
+    if not data:
+        raise InputError("nothing to segment: give an input image (--input) or a folder with images (--dataset_dir)")
+    item = data[0][key]
+    if isinstance(item, (list, tuple)):
+        return len(item)
+    if os.path.isdir(str(item)):
+        return 1  # a DICOM series
+    shape, _ = describe_file(str(item))
+    return shape[3] if len(shape) == 4 else 1
+
+
+class CaseReader(NiftiReader):
+    """``NiftiReader`` that loads the images whose headers the input checks read (``open_image``) without opening
+    the files again: one ``nibabel.load`` per input file."""
+
+    def read(self, data, **kwargs):
+        if kwargs or self.kwargs:
+            return super().read(data, **kwargs)  # nibabel options (mmap...): a load of its own
+        from monai.data.utils import correct_nifti_header_if_necessary
+
+        names = [str(n) for n in (data if isinstance(data, (list, tuple)) else [data])]
+        self.filenames = names
+        images = [correct_nifti_header_if_necessary(take_image(name)) for name in names]
+        return images if len(images) > 1 else images[0]
+
+
+def image_reader(data: Sequence[Mapping], key: str = "image"):
+    """MONAI reader for the datalist: ITK for DICOM series folders, nibabel (``CaseReader``) for NIfTI files."""
+    first = data[0][key] if data else ""
+    first = first[0] if isinstance(first, (list, tuple)) and first else first
+    return "ITKReader" if os.path.isdir(str(first)) else CaseReader
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """The name of the case a file or DICOM folder holds: its file name without the image suffix (matched
+    case-insensitively: ``SCAN.NII.GZ`` is ``SCAN``), or the folder's name. Output files are named after it."""
+    name = Path(str(path).rstrip("/\\")).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class CaseLayout(FolderLayoutBase):
+    """Output names, for ``SaveImaged(folder_layout=...)`` and the checks and reports that name outputs:
+    ``<output_dir>/<case_name(subject)>_<postfix><extension>`` (``SCAN.NII.GZ`` gives ``SCAN_liver.nii.gz``).
+
+    MONAI's ``FolderLayout`` strips a suffix with ``os.path.splitext`` (twice, for a lowercase ``.gz`` only), so it
+    would name the outputs of ``SCAN.NII.GZ`` ``SCAN.NII_liver.nii.gz``; this layout takes the case name from
+    ``case_name``. ``companion`` names the files that go beside a saved output (preview, volume tables).
+    Directories are not created here: the writer creates them (``files.atomic_path``).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, postfix: str = "", extension: str = ".nii.gz"):
+        self.output_dir = str(output_dir)
+        self.postfix = str(postfix)
+        self.extension = extension if not extension or extension.startswith(".") else f".{extension}"
+
+    def filename(self, subject: str | os.PathLike = "case", idx=None, **kwargs) -> str:
+        """The output of ``subject`` (an input path: the first file of a multi-file input, or a DICOM folder);
+        ``idx`` (a patch index) and ``kwargs`` are appended as MONAI's ``FolderLayout`` does."""
+        name = case_name(subject)
+        for part in (self.postfix, None if idx is None else str(idx)):
+            if part:
+                name += f"_{part}"
+        for k, v in kwargs.items():
+            name += f"_{k}-{v}"
+        return os.path.join(self.output_dir, name + self.extension)
+
+    def companion(self, saved: str | os.PathLike, name: str) -> str:
+        """A file beside the output ``saved`` (a name this layout gave): ``<saved without extension>_<name>``,
+        e.g. ``out/SCAN_liver.nii.gz`` and ``preview.png`` give ``out/SCAN_liver_preview.png``."""
+        saved = str(saved)
+        if self.extension and saved.lower().endswith(self.extension.lower()):
+            saved = saved[: -len(self.extension)]
+        return f"{saved}_{name}"
+
+
+def _case_key(path: str) -> str:
+    """nnU-Net's channel naming: ``case_0000.nii.gz`` .. ``case_0003.nii.gz`` are channels of ``case``."""
+    stem, _, channel = case_name(path).rpartition("_")
+    return stem if channel.isdigit() and len(channel) == 4 and stem else case_name(path)
+
+
+def datalist(input=None, dataset_dir: str | None = None, datalist_file: str | None = None) -> list[dict]:
+    """What to segment, as ``[{"image": path or [paths]}, ...]``.
+
+    ``input``: one image path, or a list of paths holding the channels of one image (BraTS, AutoPET).
+    ``datalist_file``: a JSON list of such dicts (or ``{"testing": [...]}`` as in Decathlon datalists); relative
+    paths are taken from the file's folder. ``dataset_dir``: every image in the folder; files named with nnU-Net's
+    ``_0000``, ``_0001`` ... suffixes are grouped as the channels of one case.
+    """
+    if input:
+        return [{"image": [str(p) for p in input] if isinstance(input, (list, tuple)) else str(input)}]
+    if datalist_file:
+        base = Path(datalist_file).parent
+        items = json.loads(Path(datalist_file).read_text())
+        items = items.get("testing", items.get("validation", [])) if isinstance(items, dict) else items
+        resolve = lambda p: str(p if os.path.isabs(p) else base / p)  # noqa: E731
+        out = []
+        for item in items:
+            item = {"image": item} if not isinstance(item, dict) else dict(item)
+            for key in ("image", "label"):
+                if key in item:
+                    value = item[key]
+                    item[key] = [resolve(p) for p in value] if isinstance(value, list) else resolve(value)
+            out.append(item)
+        return out
+    if dataset_dir:
+        files = sorted(f for f in glob.glob(os.path.join(dataset_dir, "*")) if f.lower().endswith(IMAGE_SUFFIXES))
+        cases: dict[str, list[str]] = {}
+        for f in files:
+            cases.setdefault(_case_key(f), []).append(f)
+        return [{"image": fs if len(fs) > 1 else fs[0]} for fs in cases.values()]
+    return []

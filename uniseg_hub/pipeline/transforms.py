@@ -1,0 +1,198 @@
+"""The transforms of UniSeg inference that MONAI does not have; ``inference.json`` wires them with MONAI's.
+
+* ``CheckInputFilesd`` / ``CheckImaged``: one clear error for each kind of bad input, before any output exists;
+* ``NormalizeTaskd``: per-channel normalisation from the task table (AutoPET mixes a CT window and a PET z-score);
+* ``MergeTasksd``: the official all-tasks label map (per task argmax, later tasks overwrite earlier ones);
+* ``ArgMaxd``: ``AsDiscreted(argmax=True)`` without PyTorch's slow outer-dimension CPU argmax.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import FolderLayoutBase, MetaTensor
+from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
+
+from ..config import parse_bool
+from ..cpu.memory import release_freed_memory
+from ..errors import InputError
+from ..tasks import CT_WINDOW, HEAD_CHANNELS, Task, get_task
+from .cases import check_dicom_folder, describe_file
+
+
+class CheckInputFilesd(MapTransform):
+    """Check an input before loading it: files exist and read as NIfTI, multi-file inputs share one grid, and the
+    outputs it will produce do not exist yet (unless ``overwrite``), so no work is done that cannot be saved.
+
+    Multi-channel tasks (BraTS: four MR sequences, AutoPET: CT and PET) take one file per channel; their shapes must
+    be equal and their affines equal within ``atol`` millimetres. ``folder_layout``: the layout (or layouts) the
+    ``SaveImaged`` transforms name their outputs with (``cases.CaseLayout``), asked here for the same names, with
+    the first file (or the DICOM folder) as subject, as ``SaveImaged`` does. The headers read here are the ones
+    the loader then uses (``cases.open_image``): each file is opened once.
+    """
+
+    def __init__(self, keys: KeysCollection, folder_layout: FolderLayoutBase | Sequence[FolderLayoutBase] | None = None,
+                 overwrite: bool = True, atol: float = 1e-3, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        layouts = folder_layout if isinstance(folder_layout, (list, tuple)) else [folder_layout]
+        self.layouts = [layout for layout in layouts if layout is not None]
+        self.overwrite = parse_bool(overwrite, "overwrite")
+        self.atol = atol
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            files = [str(f) for f in (d[key] if isinstance(d[key], (list, tuple)) else [d[key]])]
+            if not files:
+                raise InputError("an input with no files; give one file per channel")
+            if len(files) == 1 and os.path.isdir(files[0]):
+                check_dicom_folder(files[0])
+                files = []
+            described = [describe_file(f) for f in files]
+            for f, (shape, affine) in zip(files[1:], described[1:]):
+                shape0, affine0 = described[0]
+                if shape != shape0 or not np.allclose(affine, affine0, atol=self.atol):
+                    raise InputError(
+                        f"{f} does not share the grid of {files[0]} (shape {shape} vs {shape0}, affine differs by "
+                        f"{np.abs(affine - affine0).max():.4g} mm); multi-file inputs must be co-registered on one grid"
+                    )
+            if not self.overwrite:
+                subject = str(d[key][0] if isinstance(d[key], (list, tuple)) else d[key])
+                for layout in self.layouts:
+                    target = Path(layout.filename(subject=subject))
+                    if target.exists():
+                        raise InputError(f"{target} already exists; remove it or ask to overwrite (overwrite=true)")
+        return d
+
+
+class CheckImaged(MapTransform):
+    """Check a loaded, channel-first image: 3-D, the expected channel count, not empty, finite."""
+
+    def __init__(self, keys: KeysCollection, channels: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            name = getattr(image, "meta", {}).get("filename_or_obj", key)
+            if image.ndim != 4:
+                raise InputError(f"{name} has {image.ndim - 1} spatial dimension(s) (shape {tuple(image.shape[1:])}); "
+                                 "UniSeg segments 3-D volumes")
+            if image.shape[0] != self.channels:
+                raise InputError(f"{name} has {image.shape[0]} channel(s), the task takes {self.channels}")
+            values = torch.as_tensor(image)
+            low, high = torch.aminmax(values) if values.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+            if not (torch.isfinite(low) and torch.isfinite(high)):  # one pass; NaN and infinity propagate
+                bad = int((~torch.isfinite(values)).sum())
+                raise InputError(f"{name} has {bad} non-finite voxel(s) (NaN or infinity); replace them before "
+                                 "segmenting")
+            if low == 0 and high == 0:
+                raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
+        return d
+
+
+class NormalizeTaskd(MapTransform):
+    """The official intensity normalisation of a task, channel by channel (``uniseg_hub.tasks``).
+
+    ``ct_window``: clip to [-325, 325] HU and scale to [0, 1]; ``zscore``: per-image (x - mean) / std, over the
+    non-zero voxels only (zero outside) for tasks with ``nonzero_mask`` (BraTS).
+    """
+
+    def __init__(self, keys: KeysCollection, task: int | str | Task, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.task = get_task(task)
+        low, high = CT_WINDOW
+        self.window = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        self.zscore = NormalizeIntensity(nonzero=self.task.nonzero_mask, channel_wise=True)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            channels = [self.window(c[None]) if scheme == "ct_window" else self.zscore(c[None])
+                        for c, scheme in zip(image, self.task.normalization)]
+            out = torch.cat([torch.as_tensor(c, dtype=torch.float32) for c in channels], 0)
+            d[key] = _like(image, out)
+        return d
+
+
+def _like(reference, array: torch.Tensor):
+    """``array`` with ``reference``'s metadata and transform history when the reference is a MetaTensor."""
+    if not isinstance(reference, MetaTensor):
+        return array
+    return MetaTensor(array, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
+
+
+class MergeTasksd(MapTransform):
+    """The official all-tasks label map, one-hot: per task argmax over its head channels, label ``i`` (1-based)
+    becomes the task's merged value, later tasks overwrite earlier ones; argmax values beyond the task's labels are
+    ignored, as in the official ``predict.py``. Input (4 x tasks, *S) probabilities, output (K, *S) with
+    K = 1 + the largest merged value these tasks can produce (3 for liver alone, 13 for all CT tasks, at most 18).
+
+    The one-hot map holds only the channels the tasks can produce: the channels above them would be all zero, stay
+    zero through the linear resampling back (``resampling.InvertToInputd``), and never win the final argmax (which
+    takes the first maximum), so the label map is the same as with all 18 channels, at a fraction of the memory.
+    """
+
+    def __init__(self, keys: KeysCollection, tasks: Sequence[Task], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.tasks = tuple(tasks)
+        self.num_classes = 1 + max((v for t in self.tasks for v in t.merged_labels), default=0)
+
+    def merge(self, probs: torch.Tensor) -> torch.Tensor:
+        merged = torch.zeros(probs.shape[1:], dtype=torch.long, device=probs.device)
+        for k, task in enumerate(self.tasks):
+            labels = probs[k * HEAD_CHANNELS : (k + 1) * HEAD_CHANNELS].argmax(0)
+            for index, value in enumerate(task.merged_labels, start=1):
+                merged[labels == index] = value
+        return merged
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        # the first step after the sliding window: the network's retained memory is no longer needed
+        release_freed_memory()
+        d = dict(data)
+        if len(self.tasks) == 1:
+            return d  # one task: its own probabilities and labels
+        for key in self.key_iterator(d):
+            merged = self.merge(torch.as_tensor(d[key]))
+            onehot = torch.nn.functional.one_hot(merged, self.num_classes).movedim(-1, 0).float()
+            d[key] = _like(d[key], onehot)
+        return d
+
+
+class ArgMaxd(MapTransform):
+    """``AsDiscreted(keys, argmax=True)`` for channel-first maps with few channels, without its slow reduction.
+
+    PyTorch's CPU ``argmax`` over the outermost dimension walks the volume with a stride of one channel (23 s for a
+    3-channel 512x512x300 map on two cores); this compares the channels elementwise instead (under a second). Same
+    output: a (1, *S) float map of the first maximal channel's index, metadata kept. NaN never wins here, unlike
+    ``argmax``; probabilities have none.
+    """
+
+    SLAB_VOXELS = 1 << 18
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            # the plain tensor: a MetaTensor would copy its metadata in each of the many small ops below
+            probs = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
+            step = max(1, self.SLAB_VOXELS // max(1, probs[0, 0].numel()))
+            labels = [torch.tensor(float(c), device=probs.device) for c in range(probs.shape[0])]
+            for start in range(0, probs.shape[1], step):  # slabs that stay in cache across the channel loop
+                slab, out = probs[:, start:start + step], index[start:start + step]
+                best = slab[0].clone()
+                better = torch.empty_like(best)  # 1.0 where channel c beats the best so far (float: bool ops are slow)
+                for c in range(1, slab.shape[0]):
+                    torch.gt(slab[c], best, out=better)
+                    torch.maximum(best, slab[c], out=best)
+                    out.lerp_(labels[c], better)  # exactly c where better is 1, unchanged where 0
+            d[key] = _like(d[key], index[None])
+        return d
