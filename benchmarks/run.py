@@ -226,7 +226,7 @@ def dynunet_model():
     """MONAI DynUNet with UniSeg's stages (uniseg-official.md §1.7): same kernels, strides, features, norm, act."""
     from monai.networks.nets import DynUNet
 
-    from uniseg_hub.networks import FEATURES, KERNEL_SIZES, STRIDES
+    from uniseg_hub.config import FEATURES, KERNEL_SIZES, STRIDES
 
     return DynUNet(3, 1, 4, kernel_size=KERNEL_SIZES, strides=STRIDES, upsample_kernel_size=STRIDES[1:],
                    filters=FEATURES, norm_name=("INSTANCE", {"affine": True}),
@@ -239,7 +239,7 @@ def plainconvunet_model():
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from uniseg_hub.networks import FEATURES, KERNEL_SIZES, STRIDES
+    from uniseg_hub.config import FEATURES, KERNEL_SIZES, STRIDES
 
     return PlainConvUNet(1, len(FEATURES), FEATURES, torch.nn.Conv3d, KERNEL_SIZES, STRIDES, 2, 4, 2,
                          conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
@@ -304,12 +304,13 @@ def forward_cases(variants, x, repeats: int, peak: float | None, device: str) ->
 
 
 def plain_call(model, x):
-    """The eager forward, as a user would write it."""
+    """The eager forward of the plain network, as a user would write it."""
     return model(x, 0) if hasattr(model, "prompt") else model(x)
 
 
 def predictor_call(model, x):
-    """One window through the inference path of the bundle (TaskPredictor, one task, no TTA)."""
+    """One window through the inference path of the bundle (TaskPredictor, one task, no TTA): the model prepared
+    by ``uniseg_hub.cpu.prepare_for_inference`` (TaskPredictor's default)."""
     from uniseg_hub.pipeline import TaskPredictor
     from uniseg_hub.tasks import get_task
 
@@ -317,20 +318,16 @@ def predictor_call(model, x):
 
 
 def unoptimised():
-    """Process state of the unoptimised path: the network's plain path, glibc's default malloc."""
-    from uniseg_hub.cpu import fast_path
-    from uniseg_hub.pipeline import _glibc_default_malloc
+    """Process state of the unoptimised path: glibc's default malloc (the network is the plain model itself)."""
+    from uniseg_hub.cpu.memory import _glibc_default_malloc
 
-    fast_path._ENABLED = False
     _glibc_default_malloc()
 
 
 def optimised():
-    """Process state of the optimised path: the network's fast path, freed memory retained (as the bundle does)."""
-    from uniseg_hub.cpu import fast_path
-    from uniseg_hub.pipeline import retain_freed_memory
+    """Process state of the optimised path: freed memory retained (as the bundle does)."""
+    from uniseg_hub.cpu import retain_freed_memory
 
-    fast_path._ENABLED = True
     retain_freed_memory()
 
 
@@ -452,16 +449,25 @@ def instrument(timers: dict, flips: int | None):
     import monai.transforms as mt
 
     import uniseg_hub
-    from uniseg_hub import pipeline, network, pretrained, resampling
+    from uniseg_hub import pipeline as inference
+    from uniseg_hub import pretrained
+    from uniseg_hub.cpu import CpuInferenceModel
+    from uniseg_hub.networks import UniSeg
+    from uniseg_hub.pipeline import resampling
+
+    depth: dict = defaultdict(int)
 
     def timed(fn, key):
         @functools.wraps(fn)
         def wrapper(*a, **k):
             t = now()
+            depth[key] += 1
             try:
                 return fn(*a, **k)
             finally:
-                timers[key] += now() - t
+                depth[key] -= 1
+                if not depth[key]:  # the outermost call only (the prepared model calls the plain one's methods)
+                    timers[key] += now() - t
         return wrapper
 
     groups = {
@@ -477,8 +483,9 @@ def instrument(timers: dict, flips: int | None):
         for cls in classes:
             cls.__call__ = timed(cls.__call__, key)
     inference.TaskPredictor.forward = timed(inference.TaskPredictor.forward, "predictor")
-    network.UniSeg.encode = timed(network.UniSeg.encode, "network")
-    network.UniSeg.decode_ids = timed(network.UniSeg.decode_ids, "network")
+    for cls in (UniSeg, CpuInferenceModel):  # what TaskPredictor calls, prepared for CPU inference or not
+        cls.encode = timed(cls.encode, "network")
+        cls.decode_tasks = timed(cls.decode_tasks, "network")
     uniseg_hub.load_model = timed(pretrained.load_model, "weights")
     if flips is not None:
         init = inference.TaskPredictor.__init__
@@ -500,9 +507,10 @@ def run_case(case: dict) -> dict:
 
         from monai.data import NibabelWriter
 
-        from uniseg_hub.cpu import fast_path, inference, nifti_io, resampling
+        from uniseg_hub import pipeline as inference
+        from uniseg_hub.pipeline import nifti_io, predictor, resampling
 
-        fast_path._ENABLED = False
+        predictor.prepare_for_inference = lambda model: model  # TaskPredictor runs the plain network
         resampling._separable_plan = lambda image: None  # MONAI's Invertd resamples back
         inference.image_reader = lambda data, key="image": "NibabelReader"  # MONAI's reader and writer
         nifti_io.AtomicNibabelWriter.create_backend_obj = NibabelWriter.create_backend_obj

@@ -108,3 +108,18 @@ def test_the_rules_catch_a_violation(tmp_path):
     fake.parent.mkdir(parents=True)
     fake.write_text("from ..cpu import fast_path\nfrom uniseg_hub.app import predict\nfrom .blocks import ConvBlock\n")
     assert package_imports(fake, fake.parents[1]) == [(1, "cpu"), (2, "app"), (3, "networks")]
+
+
+def test_every_exception_lives_in_errors_py():
+    for path in modules():
+        if path.name == "errors.py":
+            continue
+        classes = [node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
+                   and any(getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases)]
+        assert not classes, f"{path.relative_to(PACKAGE)} defines {classes}; put exceptions in uniseg_hub/errors.py"
+
+
+def test_the_networks_keep_no_module_state():
+    for path in (PACKAGE / "networks").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)], f"{path.name} rebinds a global"

@@ -97,10 +97,11 @@ def test_task_all_equals_the_tasks_one_by_one_merged(converted_small, ct, tmp_pa
 
     for task in tasks_in_group("CT"):
         out = tmp_path / task.name
-        _run_bundle({"input": str(at_spacing), "task": task.name, "output_dir": str(out), "tta": False,
-                     "weights": str(converted_small), "save_probabilities": True, "spacing": [1.5, 1.5, 3.0],
-                     "predictor#crop_classes": False})
-        probs = np.asanyarray(nib.load(out / f"ct_1.5mm_{task.name}_probabilities.nii.gz").dataobj)
+        (case,) = _run_bundle({"input": str(at_spacing), "task": task.name, "output_dir": str(out), "tta": False,
+                               "weights": str(converted_small), "save_probabilities": True,
+                               "spacing": [1.5, 1.5, 3.0], "predictor#crop_classes": False})
+        assert case["probabilities"] == str(out / f"ct_1.5mm_{task.name}_probabilities.nii.gz")
+        probs = np.asanyarray(nib.load(case["probabilities"]).dataobj)
         labels = probs.reshape(*merged.shape, -1).argmax(-1)
         for index, value in enumerate(task.merged_labels, 1):
             expected[labels == index] = value

@@ -11,8 +11,8 @@ unless annotated ``int`` or ``float``, the docstring's Args become ``--help``.
 """
 
 import inspect
-import logging
 import json as jsonlib
+import logging
 import sys
 
 import fire

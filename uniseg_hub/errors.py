@@ -45,6 +45,10 @@ class DownloadError(UnisegHubError, OSError):
     """The Hub could not serve the file: no such repository, revision or file, refused access, network failure."""
 
 
+class IncompleteDownloadError(DownloadError):
+    """A transfer that ended early or with the wrong size; the download is tried once more before it is reported."""
+
+
 class NotAvailableOfflineError(DownloadError):
     """Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) and the file is not in the cache."""
 

@@ -97,6 +97,15 @@ def test_a_dicom_series_preview_shows_the_scan(converted_small, small_ct, tmp_pa
     np.testing.assert_array_equal(labels, np.asanyarray(nib.load(result.label_map).dataobj))
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 1), (1, 1, 1)])
+def test_a_single_slice_keeps_its_grid(converted_small, tmp_path, shape):
+    scan = tmp_path / "slice.nii.gz"
+    values = np.random.default_rng(0).normal(0, 300, shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(values, np.diag([0.8, 0.8, 2.5, 1.0])), scan)
+    result = run(scan, tmp_path / "out", converted_small, task="liver", preview=False)
+    assert nib.load(result.label_map).shape == shape
+
+
 def test_a_bug_inside_the_pipeline_stays_a_bug(converted_small, small_ct, tmp_path, monkeypatch):
     def broken(self, data):
         return 1 / 0

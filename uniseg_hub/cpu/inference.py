@@ -144,6 +144,13 @@ class _CpuInference(nn.Module):
             return fast_path.upsample_concat(up, x, skip, self.min_voxels)
         return torch.cat([up(x), skip], 1)
 
+    def upsample(self, up: nn.Module, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``up(x)`` in the fast path's layout, as one matrix product where ``up`` allows it (``like``: a map of
+        the output's size)."""
+        if fast_path.is_block_upsample(up, x, like):
+            return fast_path.upsample(up, x, like, self.min_voxels)
+        return fast_path.to_layout(up(x), self.min_voxels)
+
     def decoder_outputs_shared(self, decoder: nn.Module, skips: Sequence[torch.Tensor],
                                bottlenecks: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
         """The eval-mode ``decoder([*skips, b])`` for each bottleneck ``b`` of ``bottlenecks`` (one per task), the
@@ -154,27 +161,26 @@ class _CpuInference(nn.Module):
         """
         if not _runs_own_forward(decoder, UNetDecoder) or (decoder.training and decoder.deep_supervision):
             return None
-        maps = [*skips, bottlenecks[0]]
-        levels = []  # per level: (up, block, first conv, steps after it, skip term) or without the last three
+        levels = []  # per level: (up, block, skip, first conv, its upsampled channels, steps after it, skip term)
         for u, (up, block) in enumerate(zip(decoder.upsamples, decoder.blocks)):
-            skip, below = maps[-(u + 2)], maps[-(u + 1)]
+            skip = skips[-(u + 1)]
             split = split_first_conv(block)
-            if (split is None or not fast_path.is_block_upsample(up, below, skip)
-                    or split[0].in_channels != up.out_channels + skip.shape[1]):
-                levels.append((up, block, None, None, None))
+            upsampled = split[0].in_channels - skip.shape[1] if split is not None else 0
+            if upsampled <= 0:
+                levels.append((up, block, skip, None, 0, None, None))
                 continue
             conv, rest = split
-            term = F.conv3d(fast_path.to_layout(skip, self.min_voxels), conv.weight[:, up.out_channels:], conv.bias,
+            term = F.conv3d(fast_path.to_layout(skip, self.min_voxels), conv.weight[:, upsampled:], conv.bias,
                             conv.stride, conv.padding, conv.dilation)
-            levels.append((up, block, conv, rest, term))
+            levels.append((up, block, skip, conv, upsampled, rest, term))
         outputs = []
         for x in bottlenecks:
-            for u, (up, block, conv, rest, term) in enumerate(levels):
+            for up, block, skip, conv, upsampled, rest, term in levels:
                 if term is None:
-                    x = self.run(block, self.upsample_concat(up, x, maps[-(u + 2)]))
+                    x = self.run(block, self.upsample_concat(up, x, skip))
                     continue
-                x = F.conv3d(fast_path.upsample(up, x, term, self.min_voxels), conv.weight[:, : up.out_channels],
-                             None, conv.stride, conv.padding, conv.dilation).add_(term)
+                x = F.conv3d(self.upsample(up, x, skip), conv.weight[:, :upsampled], None, conv.stride,
+                             conv.padding, conv.dilation).add_(term)
                 for step in rest:
                     x = self.run(step, x)
             outputs.append(decoder.heads[-1](x))

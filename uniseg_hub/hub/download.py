@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from ..config import ManifestEntry
 from ..errors import (
     ChecksumError,
     DownloadError,
+    IncompleteDownloadError,
     NotAvailableOfflineError,
 )
-from ..files import sha256_file
+from ..files import sha256_file, write_text_atomic
 from .manifest import LIBRARY_NAME, Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,6 @@ _TRANSPORT_ERROR = hf_errors.HTTPError
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
-
-
-class _IncompleteDownload(DownloadError):
-    """The transfer ended early or with the wrong size; worth one more try."""
 
 
 @dataclass(frozen=True)
@@ -139,9 +135,9 @@ def _explain(t: _Target, error: BaseException) -> DownloadError:
                              f"`uniseg-hub download {t.name}`, copy the cache here and set HF_HUB_OFFLINE=1")
     if isinstance(error, hf_errors.HfHubHTTPError):
         return DownloadError(f"the Hub at {t.endpoint} refused {t.label}: {_one_line(error)}")
-    return _IncompleteDownload(f"downloading {t.label} from {t.endpoint} failed: "
-                               f"{_one_line(error.__cause__ or error)}; check the network connection, the proxy "
-                               f"settings and the free space in {t.cache_dir}")
+    return IncompleteDownloadError(f"downloading {t.label} from {t.endpoint} failed: "
+                                   f"{_one_line(error.__cause__ or error)}; check the network connection, the "
+                                   f"proxy settings and the free space in {t.cache_dir}")
 
 
 def _fetch(t: _Target, force: bool) -> Path:
@@ -178,19 +174,9 @@ def _mark(t: _Target, path: Path) -> None:
     """Record that ``path`` as it is now has the manifest's sha256 (atomically; a read-only cache stays as it is)."""
     marker = _marker(t)
     try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=marker.parent, prefix=".marker.", suffix=".tmp")
+        write_text_atomic(marker, json.dumps(_stamp(t, path)))
     except OSError as e:
         logger.debug("could not write %s (%s); the file will be hashed again on the next load", marker, e)
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_stamp(t, path), f)
-        os.replace(tmp, marker)
-    except OSError as e:
-        logger.debug("could not write %s (%s); the file will be hashed again on the next load", marker, e)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _unmark(t: _Target) -> None:
@@ -260,7 +246,7 @@ def download(name: str, revision: str | None = None, cache_dir: str | os.PathLik
     for attempt in (1, 2):
         try:
             path = _fetch(t, force=force or attempt == 2)
-        except _IncompleteDownload as e:
+        except IncompleteDownloadError as e:
             if attempt == 2:
                 raise
             logger.warning("%s; fetching it once more", e)

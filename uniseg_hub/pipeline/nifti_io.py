@@ -51,8 +51,15 @@ class AtomicNibabelWriter(NibabelWriter):
     """``NibabelWriter`` that writes to a temporary file beside the target and renames it into place, and hands
     nibabel Fortran-ordered data (``reverse_axes``), which it then writes without reordering.
 
-    An interrupted run never leaves a partial NIfTI behind (``CheckInputFilesd`` guards existing outputs).
+    An interrupted run never leaves a partial NIfTI behind (``CheckInputFilesd`` guards existing outputs). Only a
+    single channel is squeezed: MONAI's writer squeezes every trailing axis of size 1, which turns a one-slice
+    (x, y, 1) label map into (x, y) and fails on (1, 1, 1).
     """
+
+    def set_data_array(self, data_array, channel_dim=0, squeeze_end_dims=True, **kwargs):
+        super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
+        if squeeze_end_dims and self.data_obj.ndim == 4 and self.data_obj.shape[-1] == 1:
+            self.data_obj = self.data_obj[..., 0]
 
     @classmethod
     def create_backend_obj(cls, data_array, affine=None, dtype=None, **kwargs):
