@@ -93,13 +93,14 @@ def test_task_all_equals_the_tasks_one_by_one_merged(converted_small, ct, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     merged = np.asanyarray(nib.load(tmp_path / "all" / "ct_1.5mm_all.nii.gz").dataobj)
     expected = np.zeros_like(merged)
-    from uniseg_hub.app.predict import _run_bundle
+    from uniseg_hub.app.predict import bundle_workflow, run_workflow
 
     for task in tasks_in_group("CT"):
         out = tmp_path / task.name
-        (case,) = _run_bundle({"input": str(at_spacing), "task": task.name, "output_dir": str(out), "tta": False,
-                               "weights": str(converted_small), "save_probabilities": True,
-                               "spacing": [1.5, 1.5, 3.0], "predictor#crop_classes": False})
+        overrides = {"input": str(at_spacing), "task": task.name, "output_dir": str(out), "tta": False,
+                     "weights": str(converted_small), "save_probabilities": True, "spacing": [1.5, 1.5, 3.0],
+                     "predictor#crop_classes": False}
+        (case,) = run_workflow(bundle_workflow(overrides))
         assert case["probabilities"] == str(out / f"ct_1.5mm_{task.name}_probabilities.nii.gz")
         probs = np.asanyarray(nib.load(case["probabilities"]).dataobj)
         labels = probs.reshape(*merged.shape, -1).argmax(-1)

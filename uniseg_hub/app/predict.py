@@ -104,7 +104,7 @@ def predict(
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
     start = time.perf_counter()
-    workflow = _typed(_workflow, bundle_overrides(options, inputs))
+    workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
     parsed = lambda name: _typed(workflow.parser.get_parsed_content, name)  # noqa: E731
     postfix, names, layout = parsed("output_postfix"), parsed("label_names"), parsed("label_layout")
     planned = {"label_map": layout.filename(subject=inputs[0])}  # the name SaveImaged will give (same layout)
@@ -174,7 +174,7 @@ def quiet() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _workflow(overrides: dict):
+def bundle_workflow(overrides: dict):
     """The bundle's ``configs/inference.json`` with ``overrides``, initialized (nothing is built or run yet)."""
     from monai.bundle import ConfigWorkflow
 
@@ -232,11 +232,6 @@ def run_workflow(workflow) -> list[dict]:
         _typed(workflow.run)
         _typed(workflow.finalize)
     return collect.cases
-
-
-def _run_bundle(overrides: dict) -> list[dict]:
-    """Run ``configs/inference.json`` of the bundle with ``overrides``, quietly; the outputs of each case."""
-    return run_workflow(_typed(_workflow, overrides))
 
 
 def demo(weights: str | None = None, out_dir: str = "uniseg-demo", task: str = "liver", tta: bool = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def check_dicom_folder(path: str) -> None:
 
 
 _OPENED: dict[tuple, object] = {}
+_OPENED_LOCK = threading.Lock()
 _OPENED_MAX = 8
 """Inputs whose header was read (``open_image``) and whose voxels were not read yet (``take_image``), by file
 identity: the checks before loading (``count_channels``, ``CheckInputFilesd``) and the loading itself
@@ -83,23 +85,26 @@ def open_image(path: str):
     if not os.path.isfile(path):
         raise InputError(f"input {path} does not exist")
     key = _identity(path)
-    if key not in _OPENED:
-        try:
-            image = nib.load(path)
-        except Exception as e:  # nibabel raises several types for foreign or damaged files
-            raise InputError(f"cannot read {path} as NIfTI ({type(e).__name__}: {e}); pass a .nii or .nii.gz "
-                             "image") from e
+    with _OPENED_LOCK:
+        if key in _OPENED:
+            return _OPENED[key]
+    try:
+        image = nib.load(path)
+    except Exception as e:  # nibabel raises several types for foreign or damaged files
+        raise InputError(f"cannot read {path} as NIfTI ({type(e).__name__}: {e}); pass a .nii or .nii.gz "
+                         "image") from e
+    with _OPENED_LOCK:
         while len(_OPENED) >= _OPENED_MAX:
             _OPENED.pop(next(iter(_OPENED)))
-        _OPENED[key] = image
-    return _OPENED[key]
+        return _OPENED.setdefault(key, image)
 
 
 def take_image(path: str):
     """The image ``open_image`` read the header of, handed over once (the reader reads its voxels), or a fresh
     ``nibabel.load`` when the file was not opened before."""
     try:
-        image = _OPENED.pop(_identity(path), None)
+        with _OPENED_LOCK:
+            image = _OPENED.pop(_identity(path), None)
     except OSError:
         image = None  # let nibabel say what is wrong with the path
     return nib.load(path) if image is None else image
