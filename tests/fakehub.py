@@ -349,8 +349,8 @@ def manifest_with(path: Path, *entries: dict, endpoint: str | None = None) -> Pa
 def small_release(converted_small, tmp_path_factory):
     """(repository folder, manifest entry as JSON, without its revision) of the small converted model, built by
     ``publish(dry_run=True)`` without a MONAI bundle: what a test serves from the fake Hub."""
-    from uniseg_hub.hub import packaged_manifest
     from uniseg_hub.app.publish import publish
+    from uniseg_hub.hub import packaged_manifest
 
     result = publish(converted_small, "test-org/uniseg-small", name="uniseg-small", bundle=False, dry_run=True,
                      out_dir=tmp_path_factory.mktemp("release") / "repo", manifest=packaged_manifest())

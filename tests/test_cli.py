@@ -9,8 +9,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants
 
-from uniseg_hub import PublishError, load_encoder, load_model
-from uniseg_hub import cli
+from uniseg_hub import PublishError, cli, load_encoder, load_model
 from uniseg_hub.app import publish as publishing
 from uniseg_hub.config import ManifestEntry
 from uniseg_hub.files import format_json, sha256_file
@@ -56,6 +55,7 @@ BUNDLE_FILES = ["LICENSE", "README.md", "config.json", "configs/inference.json",
                 "docs/README.md", "model.safetensors", "models/config.json", "models/model.safetensors"]
 
 
+@pytest.mark.slow
 def test_every_command_against_the_fake_hub(fake_hub, small_release, tmp_path):
     manifest, entry = serve(fake_hub, small_release, tmp_path / "m.json", endpoint=False)  # HF_ENDPOINT decides
     for branch in ("1e5", "0123456789"):
@@ -151,6 +151,7 @@ def test_help_everywhere_and_usage_errors_before_anything_runs(fake_hub, convert
     assert fake_hub.requests() == [] and not home.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_publish_dry_run_is_served_and_loads_back_equal(fake_hub, hf_isolated, converted_small, tmp_path):
     bundle, out, home = make_bundle(tmp_path / "bundle"), tmp_path / "repo", tmp_path / "home"
     env = cli_env(fake_hub, home)

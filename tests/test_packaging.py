@@ -1,7 +1,6 @@
 """The built package, installed for real (not editable) into a fresh environment outside the checkout, ships the
 weights manifest and the MONAI bundle, and its command line works there."""
 
-import pytest
 import importlib.util
 import json
 import os
@@ -10,6 +9,8 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import pytest
 
 pytestmark = pytest.mark.slow  # a real pip install into a fresh virtual environment
 

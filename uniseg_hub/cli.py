@@ -402,16 +402,8 @@ class _WarningLines(logging.Handler):
         print(f"warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
 
 
-def show_warnings() -> None:
-    """Attach ``_WarningLines`` to the package's logger once."""
-    logger = logging.getLogger("uniseg_hub")
-    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
-        logger.addHandler(_WarningLines(logging.WARNING))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``uniseg-hub`` console script (returns None: see fire's exit-code pitfall)."""
-    show_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     if any(a in ("-h", "--help") for a in argv):
@@ -419,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
         argv = ([command] if command in COMMANDS else []) + ["--", "--help"]
     elif command in COMMANDS:
         argv = [command, *guard_args(command, argv[1:])]
+    warnings_handler = _WarningLines(logging.WARNING)
+    package_logger = logging.getLogger("uniseg_hub")
+    package_logger.addHandler(warnings_handler)
     try:
         fire.Fire(COMMANDS, command=argv, name="uniseg-hub")
     except UnisegHubError as e:
@@ -431,3 +426,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        package_logger.removeHandler(warnings_handler)

@@ -7,8 +7,8 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from scans import crop, sample
 
-from test_bundle import crop, sample
 from uniseg_hub.app import predict as predict_module
 from uniseg_hub.app import report
 from uniseg_hub.app.predict import predict, unwrap_error

@@ -1,4 +1,4 @@
-"""Produce ``tests/data/official_golden.json`` by running the OFFICIAL UniSeg network classes.
+"""Produce ``tests/networks/data/official_golden.json`` by running the OFFICIAL UniSeg network classes.
 
 This script is ours; it only *imports* the official classes from a checkout of
 github.com/yeerwen/UniSeg that lives OUTSIDE this project. The official code needs
@@ -7,7 +7,7 @@ scratch environment, never from the project's own venv::
 
     UNISEG_OFFICIAL_ROOT=/path/to/UniSeg  \\
         /path/to/scratch-venv/bin/python tests/golden/make_official_golden.py \\
-        --official-commit <sha of that checkout> --out tests/data/official_golden.json
+        --official-commit <sha of that checkout> --out tests/networks/data/official_golden.json
 
 ``UNISEG_OFFICIAL_ROOT`` (or ``--official-root``) is the folder that holds the
 official ``Upstream/`` and ``Downstream/`` folders. Both contain a package called
@@ -220,7 +220,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--official-root", default=os.environ.get("UNISEG_OFFICIAL_ROOT"))
     ap.add_argument("--official-commit", default="unknown")
-    ap.add_argument("--out", default=str(HERE.parent / "data" / "official_golden.json"))
+    ap.add_argument("--out", default=str(HERE.parent / "networks" / "data" / "official_golden.json"))
     ap.add_argument("--part", choices=["all", "upstream", "downstream"], default="all")
     a = ap.parse_args()
     if not a.official_root:

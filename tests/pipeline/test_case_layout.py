@@ -11,8 +11,7 @@ from monai.data import MetaTensor
 from monai.transforms import SaveImaged
 
 from uniseg_hub.errors import InputError
-from uniseg_hub.pipeline import CheckInputFilesd, case_name
-from uniseg_hub.pipeline import cases
+from uniseg_hub.pipeline import CheckInputFilesd, case_name, cases
 from uniseg_hub.pipeline.cases import CaseLayout, CaseReader
 from uniseg_hub.pipeline.nifti_io import AtomicNibabelWriter
 from uniseg_hub.training.evaluation import _case_name

@@ -39,11 +39,11 @@ CHANNELS_LAST_MIN_VOXELS = 1 << 16
 """Feature maps with at least this many voxels per channel run channels-last (in the official model: the levels at
 (192, 192, 64), (96, 96, 64) and (48, 48, 32)); measured per convolution in ``benchmarks/NOTES.md``."""
 
+
 def active(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` may take the fast path: float32 CPU inference, not traced, compiled or exported.
 
-    A pure function of ``x`` and torch's own state (gradient mode is per thread), so two threads decide each for
-    itself.
+    A pure function of ``x`` and torch's own state (gradient mode is per thread), so each thread decides for itself.
     """
     if (not isinstance(x, torch.Tensor) or torch.is_grad_enabled() or x.device.type != "cpu"
             or x.dtype != torch.float32):

@@ -19,7 +19,6 @@ from monai.data import FolderLayoutBase, MetaTensor
 from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
 
 from ..config import parse_bool
-from ..cpu.memory import release_freed_memory
 from ..errors import InputError
 from ..tasks import CT_WINDOW, HEAD_CHANNELS, Task, get_task
 from .cases import check_dicom_folder, describe_file
@@ -155,8 +154,6 @@ class MergeTasksd(MapTransform):
         return merged
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        # the first step after the sliding window: the network's retained memory is no longer needed
-        release_freed_memory()
         d = dict(data)
         if len(self.tasks) == 1:
             return d  # one task: its own probabilities and labels

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, CropForegroundd, EnsureChannelFirstd, Flipd, Invertd, LoadImaged, Spacingd
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    Flipd,
+    Invertd,
+    LoadImaged,
+    Spacingd,
+)
 
 from uniseg_hub.pipeline import resampling
 from uniseg_hub.pipeline.resampling import InvertToInputd, interpolation_matrix

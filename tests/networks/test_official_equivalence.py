@@ -1,6 +1,6 @@
 """Our network, loaded through ``convert``, against numbers produced by the official UniSeg classes.
 
-``tests/data/official_golden.json`` was produced by running the official ``UniSeg_model`` and ``UniSeg_Backbone``
+``tests/networks/data/official_golden.json`` was produced by running the official ``UniSeg_model`` and ``UniSeg_Backbone``
 on seeded weights and inputs (``tests/golden/README.md``). Here the same seeded weights are written as an
 official-format checkpoint, converted with ``convert_checkpoint`` and run in MONAI axis order; the outputs,
 permuted back to (z, y, x), must match with a relative error below 1e-4 in float32.
@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from official_format import (
+    official_shapes,
+    sample_indices,
+    save_official_checkpoint,
+    seeded_input,
+    seeded_state_dict,
+)
 
-from official_format import official_shapes, sample_indices, save_official_checkpoint, seeded_input, seeded_state_dict
 from uniseg_hub import convert_checkpoint, load_model
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "official_golden.json").read_text())

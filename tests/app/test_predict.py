@@ -7,12 +7,12 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_series import write_series
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from matplotlib import image as mpimg
+from scans import crop, sample
 
-from dicom_series import write_series
-from test_bundle import crop, sample
 from uniseg_hub import cli
 from uniseg_hub.app.report import PREVIEW_SIZE
 from uniseg_hub.tasks import get_task, merged_label_names, tasks_in_group
@@ -29,6 +29,7 @@ def ct(tmp_path_factory):
     return crop(sample("ct_small"), folder / "abdomen.nii.gz", (slice(20, 60), slice(30, 70), slice(8, 24)))
 
 
+@pytest.mark.slow
 def test_predict_writes_label_map_preview_and_volumes(converted_small, ct, tmp_path):
     result = uniseg("predict", ct, "--task", "liver", "--out", tmp_path, "--model", converted_small,
                     "--tta", "False", "--probabilities", "--json")
@@ -66,6 +67,7 @@ def test_predict_writes_label_map_preview_and_volumes(converted_small, ct, tmp_p
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_dicom_series_gives_the_same_label_map_as_nifti(converted_small, ct, tmp_path):
     pytest.importorskip("itk")
     series = write_series(ct, tmp_path / "series")
@@ -79,6 +81,7 @@ def test_dicom_series_gives_the_same_label_map_as_nifti(converted_small, ct, tmp
     np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_task_all_equals_the_tasks_one_by_one_merged(converted_small, ct, tmp_path):
     # The official all-tasks rule works on full-head probabilities in the network's grid (MergeTasksd), with one
     # spacing for all tasks (the official -spacing). On an input already at that spacing the grid is the input's,
@@ -117,6 +120,7 @@ def one_line_error(result):
         result.stderr
 
 
+@pytest.mark.slow
 def test_failures_are_one_line_with_exit_status_1(converted_small, ct, tmp_path):
     (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
     flat = tmp_path / "flat.nii.gz"
@@ -144,6 +148,7 @@ def test_demo_without_reachable_weights_says_how_to_get_them(tmp_path):
     assert not (tmp_path / "data").exists(), "the demo fetched the sample before knowing it has weights"
 
 
+@pytest.mark.slow
 def test_demo_with_converted_weights(converted_small, tmp_path):
     result = uniseg("demo", "--weights", converted_small, "--out", tmp_path, "--json")
     assert result.returncode == 0, result.stderr[-2000:]

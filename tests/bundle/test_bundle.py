@@ -17,34 +17,19 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.bundle import run as bundle_run
+from scans import crop, sample
 
 from uniseg_hub.errors import UnisegHubError
-from uniseg_hub.training.evaluation import SegmentationReport
 from uniseg_hub.pipeline import MergeTasksd, TaskPredictor
-from uniseg_hub.app.sample_data import SampleDataError, fetch_sample
 from uniseg_hub.tasks import get_task, tasks_in_group
+from uniseg_hub.training.evaluation import SegmentationReport
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle"
 INFERENCE = BUNDLE / "configs" / "inference.json"
 EVALUATE = BUNDLE / "configs" / "evaluate.json"
 META = BUNDLE / "configs" / "metadata.json"
 SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
-
-
-def sample(name):
-    try:
-        return fetch_sample(name)
-    except SampleDataError as e:
-        pytest.skip(f"real sample data unavailable (PyPI unreachable?): {e}")
-
-
-def crop(src, dst, box):
-    """Save a crop of a real scan; nibabel's slicer keeps the affine right."""
-    image = nib.load(src)
-    part = image.slicer[box]
-    nib.save(nib.Nifti1Image(np.asanyarray(part.dataobj), part.affine, part.header), dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +329,8 @@ def test_network_def_passes_the_zoo_shape_check():
 
 @pytest.mark.slow
 def test_torchscript_is_excluded_and_onnx_export_works(converted_small, tmp_path):
-    from uniseg_hub.app.export import export_onnx
     from uniseg_hub import load_model
+    from uniseg_hub.app.export import export_onnx
 
     with pytest.raises(RuntimeError, match="cannot be used in a type expression|not supported"):
         torch.jit.script(load_model(converted_small))  # if this ever scripts, enable ckpt_export in the docs

@@ -53,6 +53,7 @@ def real_ct(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["kidney", "all"])
 def test_bundle_label_maps_equal_the_unoptimised_pipeline(converted_small, real_ct, tmp_path, monkeypatch, task):
     """The whole bundle, optimised, against the unoptimised pipeline (the plain network without
@@ -65,7 +66,7 @@ def test_bundle_label_maps_equal_the_unoptimised_pipeline(converted_small, real_
     import uniseg_hub.pipeline as inference
     from uniseg_hub.pipeline import predictor, resampling
 
-    bundle = Path(__file__).resolve().parents[1] / "bundle"
+    bundle = Path(__file__).resolve().parents[2] / "bundle"
 
     def predict(out):
         run(config_file=str(bundle / "configs" / "inference.json"), meta_file=str(bundle / "configs" / "metadata.json"),

@@ -44,7 +44,7 @@ pytest.register_assert_rewrite("fakehub")  # imported here before pytest loads i
 
 from fakehub import Fault, cli_env, manifest_with, serve  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "uniseg-small"
 
 

@@ -2,9 +2,15 @@
 
 import pytest
 import torch
-
 from conftest import SMALL_PATCH
-from uniseg_hub import InputShapeError, UniSeg, UniSegBackbone, UniSegEncoder, UnknownTaskError
+
+from uniseg_hub import (
+    InputShapeError,
+    UniSeg,
+    UniSegBackbone,
+    UniSegEncoder,
+    UnknownTaskError,
+)
 from uniseg_hub.tasks import TASKS
 
 SMALL_FEATURES = (4, 8, 16, 16, 16, 16)

@@ -31,7 +31,7 @@ from uniseg_hub.training import (
 )
 from uniseg_hub.weights import official_key
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 # TotalSegmentator 'total' ids of the 13 BTCV organs (shared/reference/real-data.md); oesophagus is absent here.
 TOTALSEG_TO_BTCV = {1: 1, 2: 2, 3: 3, 4: 4, 15: 5, 5: 6, 6: 7, 52: 8, 63: 9, 64: 10, 7: 11, 8: 12, 9: 13}
 # a few iterations on 6 mm voxels with 64x32x16 patches (the smallest whose bottleneck InstanceNorm sees more

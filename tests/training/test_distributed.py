@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_training import CONFIGS, SMALL_RUN, workflow, write_btcv_tree
+
 from uniseg_hub.app.prepare import prepare_btcv
 
 pytestmark = pytest.mark.slow  # two torchrun processes train and evaluate
@@ -35,7 +35,8 @@ def btcv_uneven(tmp_path_factory):
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        [str(Path(__file__).parent), str(Path(__file__).parents[1]), str(Path(__file__).parents[2]),
+         os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return result

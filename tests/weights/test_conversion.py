@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import SMALL, SMALL_PATCH
 from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
+from safetensors import safe_open
+
 from uniseg_hub import (
     IncompatibleCheckpointError,
     UniSeg,
@@ -164,6 +164,7 @@ def run_cli(*args, **kwargs):
                           **kwargs)
 
 
+@pytest.mark.slow
 def test_cli_convert(official_small, tmp_path):
     result = run_cli("convert", official_small[0], tmp_path / "cli", "--json")
     assert result.returncode == 0, result.stderr

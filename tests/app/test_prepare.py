@@ -7,8 +7,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uniseg_hub.errors import UnisegHubError
-from uniseg_hub.cli import main
 from uniseg_hub.app.prepare import (
     BTCV_LABELS,
     BTCV_TRAIN,
@@ -22,6 +20,8 @@ from uniseg_hub.app.prepare import (
     target_spacing,
     vs_official_split,
 )
+from uniseg_hub.cli import main
+from uniseg_hub.errors import UnisegHubError
 
 BTCV_CASES = BTCV_TRAIN + BTCV_VALIDATION
 
