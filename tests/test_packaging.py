@@ -48,7 +48,17 @@ def test_a_non_editable_install_outside_the_checkout_ships_the_manifest(tmp_path
     module, shipped = json.loads(found.stdout)
     assert Path(module).is_relative_to(venv) and shipped == (ROOT / "weights_manifest.json").read_text()
 
-    bundle = subprocess.run([python, "-c", "from uniseg_hub.app.predict import bundle_dir; print(bundle_dir())"],
+    # every module of the source tree is installed (a new folder must be listed in setup.cfg's packages)
+    walk = ("import json, pkgutil, uniseg_hub; print(json.dumps(sorted(m.name for m in pkgutil.walk_packages("
+            "uniseg_hub.__path__, 'uniseg_hub.') if not m.name.startswith('uniseg_hub.bundle'))))")
+    modules = subprocess.run([python, "-c", walk], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert modules.returncode == 0, modules.stderr
+    package = ROOT / "uniseg_hub"
+    expected = sorted("uniseg_hub." + ".".join(p.relative_to(package).with_suffix("").parts).removesuffix(".__init__")
+                      for p in package.rglob("*.py") if p.name != "__init__.py" or p.parent != package)
+    assert json.loads(modules.stdout) == expected
+
+    bundle = subprocess.run([python, "-c", "from uniseg_hub.app.bundle import bundle_dir; print(bundle_dir())"],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bundle.returncode == 0, bundle.stderr
     shipped_bundle = Path(bundle.stdout.strip())
