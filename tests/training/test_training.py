@@ -223,6 +223,17 @@ def test_encoder_and_scratch_transfers(converted_small):
         build_network(3, converted_small, "decoder")
 
 
+def test_a_transfer_reads_the_checkpoint_once(converted_small, monkeypatch):
+    """An adapted stem and the backbone come from one read of the checkpoint (uniseg_hub.transfer works on it)."""
+    from uniseg_hub import weights
+
+    reads = []
+    real = weights.read_safetensors
+    monkeypatch.setattr(weights, "read_safetensors", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    build_network(3, converted_small, "backbone", in_channels=3)
+    assert len(reads) == 1
+
+
 @pytest.mark.slow
 def test_presets_match_the_datasets_and_resolve(btcv_small, converted_small, tmp_path):
     for preset, labels, modality in (("btcv.json", BTCV_LABELS, ["CT"]), ("vs.json", VS_LABELS, ["T1"])):

@@ -33,11 +33,11 @@ from .handlers import (
     TrainingCheckpoint,
     TrainingLog,
     loss_of,
-    print_metrics,
+    log_metrics,
 )
 from .model import build_network, ds_weights, load_trained
 
 __all__ = ["RandPatchd", "CheckLabeld", "datalist_property", "intensity_transform", "label_names", "load_datalist",
            "modalities", "is_main_process", "rank", "shard", "unwrap", "SegmentationReport", "FreezeEncoder",
-           "GradientClipping", "ProgressBar", "TrainingCheckpoint", "TrainingLog", "loss_of", "print_metrics",
+           "GradientClipping", "ProgressBar", "TrainingCheckpoint", "TrainingLog", "loss_of", "log_metrics",
            "build_network", "ds_weights", "load_trained"]

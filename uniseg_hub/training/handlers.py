@@ -331,8 +331,8 @@ class TrainingCheckpoint:
                f", best metric {state['best_metric']:.4f} at epoch {state['best_metric_epoch']}")
 
 
-def print_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.PathLike | None = None) -> dict:
-    """Print the key metric and its per-class means (background excluded) after an evaluation; rank 0 also writes
+def log_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.PathLike | None = None) -> dict:
+    """Log the key metric and its per-class means (background excluded) after an evaluation; rank 0 also writes
     them to ``output_dir/summary.json``. Returns ``{"metric": name, "mean": value, "per_class": {...}}``."""
     state = evaluator.state
     name = state.key_metric_name
