@@ -241,6 +241,27 @@ def test_publish_finds_the_bundle_folder_or_says_it_left_it_out(converted_small,
         publishing.publish(converted_small, "test-org/x", dry_run=True, bundle_dir=tmp_path / "a")
 
 
+def test_publish_refuses_links_and_an_out_dir_inside_the_bundle(converted_small, tmp_path):
+    """A symbolic link in the bundle (or the weights folder) would upload what it points to: refused, nothing built."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    bundle = make_bundle(tmp_path / "bundle")
+    (bundle / "docs" / "notes.txt").symlink_to(secret)
+    with pytest.raises(PublishError, match=r"notes.txt is a symbolic link .*secret.txt"):
+        publishing.publish(converted_small, "test-org/x", dry_run=True, bundle_dir=bundle, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (bundle / "docs" / "notes.txt").unlink()
+    with pytest.raises(PublishError, match="lies inside the bundle folder"):
+        publishing.publish(converted_small, "test-org/x", dry_run=True, bundle_dir=bundle, out_dir=bundle / "repo")
+    assert not (bundle / "repo").exists()
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_bytes((converted_small / "config.json").read_bytes())
+    (weights / "model.safetensors").symlink_to(converted_small / "model.safetensors")
+    with pytest.raises(PublishError, match="model.safetensors is a symbolic link"):
+        publishing.publish(weights, "test-org/x", dry_run=True, bundle=False, out_dir=tmp_path / "out2")
+
+
 def test_argument_guard_keeps_strings_and_lets_variadic_commands_through(monkeypatch):
     def fixed(name, *, revision=None, force: bool = False):
         """A command with fixed arguments."""

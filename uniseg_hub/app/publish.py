@@ -190,8 +190,26 @@ model = load_model(snapshot_download("{repo_id}", allow_patterns=["{WEIGHTS_FILE
 """
 
 
+def _refuse_links(folder: Path, parts) -> None:
+    """A ``PublishError`` for any symbolic link among ``parts`` of ``folder`` (at any depth): copying follows
+    links, so a link would upload whatever it points to, possibly a file from outside the folder."""
+    for part in parts:
+        root = folder / part
+        for path in [root, *(root.rglob("*") if root.is_dir() and not root.is_symlink() else [])]:
+            if path.is_symlink():
+                raise PublishError(f"{path} is a symbolic link (to {os.readlink(path)}); publish uploads only "
+                                   "regular files from inside the folder: replace the link by the file itself")
+
+
 def _stage(out: Path, folder: Path, bundle: Path | None, card: str) -> list[str]:
     """Lay the repository out in ``out``; returns its files (relative, sorted)."""
+    _refuse_links(folder, (WEIGHTS_FILE, CONFIG_FILE))
+    if bundle is not None:
+        _refuse_links(bundle, [part for part in BUNDLE_PARTS if (bundle / part).exists() or
+                               (bundle / part).is_symlink()])
+        if out.resolve().is_relative_to(bundle.resolve()):
+            raise PublishError(f"--out-dir {out} lies inside the bundle folder {bundle}, which would copy the "
+                               "repository into itself; choose a folder outside it")
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
         raise PublishError(f"{out} is not empty; give publish an empty or new --out-dir")
