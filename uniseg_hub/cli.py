@@ -89,7 +89,9 @@ def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> Non
 
 def download(name: str, *, revision=None, cache_dir=None, force: bool = False, local_files_only: bool = False,
              manifest=None, json: bool = False) -> None:
-    """Download a model's weights into the Hugging Face cache, check size and sha256, print the file's path.
+    """Download a model's weights into the Hugging Face cache, check size and sha256, print the file's path. A model
+    that is not on the Hub but names its original checkpoint (upstream) is fetched from there, verified and converted
+    once into UNISEG_HUB_CACHE (default HF_HUB_CACHE/uniseg-hub).
 
     Honours HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE and HTTPS_PROXY / NO_PROXY. A cached
     file at the pinned commit needs no network: run this where the network is, copy the cache, use it offline.
@@ -98,13 +100,13 @@ def download(name: str, *, revision=None, cache_dir=None, force: bool = False, l
         name: a model name (see `uniseg-hub list`).
         revision: a commit, branch or tag instead of the manifest's pinned commit.
         cache_dir: the huggingface_hub cache to use (default HF_HUB_CACHE).
-        force: download again even if cached.
+        force: download (and convert) again even if cached.
         local_files_only: do not use the network (like HF_HUB_OFFLINE=1).
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print name, path, sha256 and size as JSON.
     """
-    from .hub import download as fetch
     from .hub import manifest_entry
+    from .upstream import download as fetch
 
     path = fetch(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, force=force,
                  manifest=manifest)
