@@ -143,7 +143,7 @@ def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         json: print {"name", "path"} as JSON.
     """
     from .hub import cache_folder
-    from .hub import download as fetch
+    from .upstream import download as fetch
 
     if name is None:
         found = cache_folder(cache_dir)

@@ -38,7 +38,7 @@ from .errors import (
     UnisegHubError,
     UpstreamFileError,
 )
-from .files import sha256_file, write_text_atomic
+from .files import format_json, sha256_file, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +209,6 @@ def _convert(entry: ManifestEntry, raw: Path, folder: Path) -> Path:
     source = {"file": up.filename, "url": up.url, "sha256": digest, "format": up.format}
     save_folder(folder, converted, config, source=source, overwrite=True)
     weights = folder / WEIGHTS_FILE
-    write_text_atomic(folder / RECORD_FILE, json.dumps(
-        {"sha256": sha256_file(weights), "source_sha256": digest, "source_url": up.url}, indent=2) + "\n")
+    write_text_atomic(folder / RECORD_FILE, format_json(
+        {"sha256": sha256_file(weights), "source_sha256": digest, "source_url": up.url}) + "\n")
     return weights

@@ -323,3 +323,22 @@ def test_four_processes_at_once_end_with_one_conversion(served, fake_hub, tmp_pa
     assert len(cdn_gets(fake_hub)) == 1
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "converted.json", "model.safetensors"]
     assert sum("licence" in err for _, err in outs) == 1
+
+
+def test_the_command_line_fetches_converts_and_finds_it_offline(served, fake_hub, tmp_path):
+    manifest, _ = served()
+    env = cli_env(None, tmp_path / "home", UNISEG_HUB_MANIFEST=manifest)
+    command = [sys.executable, "-m", "uniseg_hub"]
+    result = subprocess.run([*command, "download", NAME], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "home" / "hub" / "uniseg-hub" / NAME / "model.safetensors"
+    assert result.stdout.strip() == str(path)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and "non-commercial" in warnings[0] and "not pinned" in warnings[1]
+    fake_hub.clear_log()
+    offline = {**env, "HF_HUB_OFFLINE": "1"}
+    found = subprocess.run([*command, "path", NAME], capture_output=True, text=True, env=offline, timeout=120)
+    assert found.stdout.strip() == str(path) and fake_hub.requests() == []
+    empty = subprocess.run([*command, "download", NAME], capture_output=True, text=True, timeout=120,
+                           env={**offline, "HF_HOME": str(tmp_path / "empty")})
+    assert empty.returncode == 1 and empty.stderr.count("\n") == 1 and "HF_HUB_OFFLINE=1" in empty.stderr
