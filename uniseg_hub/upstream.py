@@ -198,7 +198,8 @@ def _convert(entry: ManifestEntry, raw: Path, folder: Path) -> Path:
         if bad := [k for k, v in state.items() if not v.is_floating_point() or not torch.isfinite(v).all()]:
             raise IncompatibleCheckpointError(f"tensors that are not finite floating point: {', '.join(bad[:5])}")
         converted, config = convert_state_dict(state)
-    except UnisegHubError as e:
+    except (UnisegHubError, ArithmeticError, LookupError, TypeError, ValueError, RuntimeError) as e:
+        # whatever the checks of an untrusted file run into means that it is not the model
         refuse(f"was refused: {_one_line(e)}", e)
     if config != entry.architecture:
         refuse(f"holds another architecture ({config.to_dict()['config']})")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import constants
+from official_format import save_official_checkpoint
 
 from uniseg_hub import (
     ChecksumError,
@@ -200,6 +201,22 @@ def _nan_inside(data: bytes) -> bytes:
     return bytes(bad)
 
 
+def _damaged_pickle(data: bytes) -> bytes:
+    """The checkpoint with bytes in the middle of its pickle (data.pkl) overwritten, same size."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    name, extra = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    middle = info.header_offset + 30 + name + extra + info.file_size // 2
+    return data[:middle] + b"\xff" * 8 + data[middle + 8:]
+
+
+def _misshaped(state, tmp_path) -> bytes:
+    """The small official state with a one-dimensional prompt: allowed by the reader, not the architecture."""
+    path = tmp_path / "misshaped.model"
+    save_official_checkpoint(path, {**state, "intermedia_prompt": torch.zeros(11)})
+    return path.read_bytes()
+
+
 def _not_uniseg(tmp_path) -> bytes:
     path = tmp_path / "other.model"
     torch.save({"state_dict": {"encoder.weight": torch.zeros(3, 3)}}, path)
@@ -212,12 +229,14 @@ def _unsafe(tmp_path) -> bytes:
     return path.read_bytes()
 
 
-BAD_FILES = {
-    "truncated": (lambda data, tmp: data[: len(data) // 2], "was refused"),
-    "nan": (lambda data, tmp: _nan_inside(data), "not finite"),
-    "not uniseg": (lambda data, tmp: _not_uniseg(tmp), "was refused"),
-    "unsafe pickle": (lambda data, tmp: _unsafe(tmp), "argparse.Namespace"),
-    "html page": (lambda data, tmp: b"<!DOCTYPE html><html><body>Quota exceeded</body></html>" + b" " * 1000,
+BAD_FILES = {  # kind: (bytes from the official file, its state dict and a folder; what the error says)
+    "truncated": (lambda data, state, tmp: data[: len(data) // 2], "was refused"),
+    "nan": (lambda data, state, tmp: _nan_inside(data), "not finite"),
+    "damaged pickle": (lambda data, state, tmp: _damaged_pickle(data), "was refused"),
+    "misshaped": (lambda data, state, tmp: _misshaped(state, tmp), "was refused"),
+    "not uniseg": (lambda data, state, tmp: _not_uniseg(tmp), "was refused"),
+    "unsafe pickle": (lambda data, state, tmp: _unsafe(tmp), "argparse.Namespace"),
+    "html page": (lambda data, state, tmp: b"<!DOCTYPE html><html><body>Quota exceeded</body></html>" + b" " * 1000,
                   "HTML page"),
 }
 
@@ -226,7 +245,7 @@ BAD_FILES = {
 def test_an_unpinned_file_that_is_not_the_model_is_refused_and_deleted(kind, served, fake_hub, hf_isolated,
                                                                         official_small, tmp_path):
     make, problem = BAD_FILES[kind]
-    bad = make(official_small[0].read_bytes(), tmp_path)
+    bad = make(official_small[0].read_bytes(), official_small[1], tmp_path)
     served(bad)
     with pytest.raises(UpstreamFileError) as caught:
         load_model(NAME)
