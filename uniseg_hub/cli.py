@@ -60,7 +60,8 @@ def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print the entry (plus "cache") as JSON.
     """
-    from .hub import cache_status, manifest_entry
+    from .hub import manifest_entry
+    from .upstream import cache_status
 
     entry = manifest_entry(name, manifest)
     status = cache_status(name, cache_dir, manifest)
@@ -116,7 +117,8 @@ def download(name: str, *, revision=None, cache_dir=None, force: bool = False, l
 
 
 def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> None:
-    """Hash a model's cached file against the manifest (no network); exit 1 if it is missing or corrupt.
+    """Hash a model's cached file against the manifest, or a converted original against the sha256 recorded at
+    conversion (no network); exit 1 if it is missing or corrupt.
 
     Args:
         name: a model name (see `uniseg-hub list`).
@@ -124,13 +126,16 @@ def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> N
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print name, path, sha256 and size as JSON.
     """
+    from .files import sha256_file
     from .hub import manifest_entry
-    from .hub import verify as check
+    from .upstream import verify as check
 
     path = check(name, cache_dir=cache_dir, manifest=manifest)
     entry = manifest_entry(name, manifest)
-    emit({"name": name, "path": str(path), "sha256": entry.sha256, "size": entry.size, "ok": True}, json,
-         f"{name}: {path} is intact (sha256 {entry.sha256}, {entry.size} bytes)")
+    # a converted original has no sha256 in the manifest: its own, as checked against its record
+    sha256, size = (entry.sha256, entry.size) if entry.published else (sha256_file(path), path.stat().st_size)
+    emit({"name": name, "path": str(path), "sha256": sha256, "size": size, "ok": True}, json,
+         f"{name}: {path} is intact (sha256 {sha256}, {size} bytes)")
 
 
 def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> None:

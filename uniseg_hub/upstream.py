@@ -88,6 +88,26 @@ def download(name: str, revision: str | None = None, cache_dir: str | os.PathLik
         return _fetch_and_convert(entry, folder, force)
 
 
+def verify(name: str, cache_dir: str | os.PathLike | None = None, manifest=None) -> Path:
+    """Hash the cached weights of ``name`` (no network): a Hub copy against the manifest (``hub.verify``), a
+    converted original against the sha256 recorded when it was converted (``ChecksumError`` if they differ)."""
+    entry = hub.load_manifest(manifest).entry(str(name))
+    if entry.published or entry.upstream is None:
+        return hub.verify(name, cache_dir=cache_dir, manifest=manifest)
+    return download(name, cache_dir=cache_dir, local_files_only=True, manifest=manifest)
+
+
+def cache_status(name: str, cache_dir: str | os.PathLike | None = None, manifest=None) -> dict:
+    """``hub.cache_status``, and for a converted original: its weights' ``path`` once recorded (or None), with
+    ``verified`` False (every load hashes it against the record)."""
+    entry = hub.load_manifest(manifest).entry(str(name))
+    if entry.published or entry.upstream is None:
+        return hub.cache_status(name, cache_dir, manifest)
+    folder = cache_root(cache_dir) / entry.name
+    recorded = (folder / RECORD_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+    return {"path": str(folder / WEIGHTS_FILE) if recorded else None, "verified": False}
+
+
 def _is_recorded(entry: ManifestEntry, folder: Path) -> bool:
     """Whether ``folder`` holds a conversion of the entry's upstream file that still matches its record; a record
     whose weights changed since raises ``ChecksumError``."""

@@ -358,6 +358,14 @@ def test_the_command_line_fetches_converts_and_finds_it_offline(served, fake_hub
     offline = {**env, "HF_HUB_OFFLINE": "1"}
     found = subprocess.run([*command, "path", NAME], capture_output=True, text=True, env=offline, timeout=120)
     assert found.stdout.strip() == str(path) and fake_hub.requests() == []
+    info = subprocess.run([*command, "info", NAME, "--json"], capture_output=True, text=True, env=offline, timeout=120)
+    assert json.loads(info.stdout)["cache"] == {"path": str(path), "verified": False}
+    checked = subprocess.run([*command, "verify", NAME], capture_output=True, text=True, env=offline, timeout=120)
+    assert f"is intact (sha256 {sha256_file(path)}" in checked.stdout
+    path.write_bytes(path.read_bytes()[::-1])
+    damaged = subprocess.run([*command, "verify", NAME], capture_output=True, text=True, env=offline, timeout=120)
+    assert damaged.returncode == 1 and f"uniseg-hub download {NAME} --force" in damaged.stderr
+    assert fake_hub.requests() == []
     empty = subprocess.run([*command, "download", NAME], capture_output=True, text=True, timeout=120,
                            env={**offline, "HF_HOME": str(tmp_path / "empty")})
     assert empty.returncode == 1 and empty.stderr.count("\n") == 1 and "HF_HUB_OFFLINE=1" in empty.stderr
