@@ -14,7 +14,7 @@ LAYERS = [
     {"errors", "tasks", "files", "config"},
     {"networks"},
     {"weights", "hub"},
-    {"transfer"},
+    {"transfer", "upstream"},
     {"pretrained"},
     {"cpu"},
     {"pipeline"},

@@ -29,6 +29,7 @@ from .errors import (  # noqa: E402
     UnknownTaskError,
     UnsafeCheckpointError,
     UnsupportedChannelsError,
+    UpstreamFileError,
 )
 
 _LAZY = {
@@ -36,15 +37,16 @@ _LAZY = {
     "UniSegConfig": "config", "ManifestEntry": "config",
     "load_encoder": "pretrained", "load_model": "pretrained",
     "convert_checkpoint": "weights",
-    "download": "hub", "verify": "hub", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
+    "download": "upstream", "verify": "hub", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
     "publish": "app.publish",
 }
 
 if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
     from .app.publish import publish  # noqa: F401
-    from .hub import download, list_models, load_manifest, model_info, verify  # noqa: F401
+    from .hub import list_models, load_manifest, model_info, verify  # noqa: F401
     from .networks import UniSeg, UniSegBackbone, UniSegEncoder  # noqa: F401
     from .pretrained import load_encoder, load_model  # noqa: F401
+    from .upstream import download  # noqa: F401
     from .weights import convert_checkpoint  # noqa: F401
 
 
@@ -64,5 +66,5 @@ __all__ = [
     "__version__", *_LAZY,
     "UnisegHubError", "UnknownTaskError", "InputShapeError", "UnsupportedChannelsError", "UnsafeCheckpointError",
     "IncompatibleCheckpointError", "ManifestError", "UnknownModelError", "NotPublishedError", "DownloadError",
-    "NotAvailableOfflineError", "ChecksumError", "PublishError", "ConfigError", "InputError",
+    "NotAvailableOfflineError", "ChecksumError", "UpstreamFileError", "PublishError", "ConfigError", "InputError",
 ]

@@ -60,7 +60,8 @@ def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print the entry (plus "cache") as JSON.
     """
-    from .hub import cache_status, manifest_entry
+    from .hub import manifest_entry
+    from .upstream import cache_status
 
     entry = manifest_entry(name, manifest)
     status = cache_status(name, cache_dir, manifest)
@@ -89,7 +90,9 @@ def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> Non
 
 def download(name: str, *, revision=None, cache_dir=None, force: bool = False, local_files_only: bool = False,
              manifest=None, json: bool = False) -> None:
-    """Download a model's weights into the Hugging Face cache, check size and sha256, print the file's path.
+    """Download a model's weights into the Hugging Face cache, check size and sha256, print the file's path. A model
+    that is not on the Hub but names its original checkpoint (upstream) is fetched from there, verified and converted
+    once into UNISEG_HUB_CACHE (default HF_HUB_CACHE/uniseg-hub).
 
     Honours HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE and HTTPS_PROXY / NO_PROXY. A cached
     file at the pinned commit needs no network: run this where the network is, copy the cache, use it offline.
@@ -98,13 +101,13 @@ def download(name: str, *, revision=None, cache_dir=None, force: bool = False, l
         name: a model name (see `uniseg-hub list`).
         revision: a commit, branch or tag instead of the manifest's pinned commit.
         cache_dir: the huggingface_hub cache to use (default HF_HUB_CACHE).
-        force: download again even if cached.
+        force: download (and convert) again even if cached.
         local_files_only: do not use the network (like HF_HUB_OFFLINE=1).
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print name, path, sha256 and size as JSON.
     """
-    from .hub import download as fetch
     from .hub import manifest_entry
+    from .upstream import download as fetch
 
     path = fetch(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, force=force,
                  manifest=manifest)
@@ -114,7 +117,8 @@ def download(name: str, *, revision=None, cache_dir=None, force: bool = False, l
 
 
 def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> None:
-    """Hash a model's cached file against the manifest (no network); exit 1 if it is missing or corrupt.
+    """Hash a model's cached file against the manifest, or a converted original against the sha256 recorded at
+    conversion (no network); exit 1 if it is missing or corrupt.
 
     Args:
         name: a model name (see `uniseg-hub list`).
@@ -122,13 +126,16 @@ def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> N
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
         json: print name, path, sha256 and size as JSON.
     """
+    from .files import sha256_file
     from .hub import manifest_entry
-    from .hub import verify as check
+    from .upstream import verify as check
 
     path = check(name, cache_dir=cache_dir, manifest=manifest)
     entry = manifest_entry(name, manifest)
-    emit({"name": name, "path": str(path), "sha256": entry.sha256, "size": entry.size, "ok": True}, json,
-         f"{name}: {path} is intact (sha256 {entry.sha256}, {entry.size} bytes)")
+    # a converted original has no sha256 in the manifest: its own, as checked against its record
+    sha256, size = (entry.sha256, entry.size) if entry.published else (sha256_file(path), path.stat().st_size)
+    emit({"name": name, "path": str(path), "sha256": sha256, "size": size, "ok": True}, json,
+         f"{name}: {path} is intact (sha256 {sha256}, {size} bytes)")
 
 
 def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> None:
@@ -141,7 +148,7 @@ def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         json: print {"name", "path"} as JSON.
     """
     from .hub import cache_folder
-    from .hub import download as fetch
+    from .upstream import download as fetch
 
     if name is None:
         found = cache_folder(cache_dir)

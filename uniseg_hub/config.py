@@ -213,10 +213,13 @@ _URL = re.compile(r"https?://\S+")
 _PINNED = ("repo_id", "revision", "sha256", "size")
 ENTRY_FIELDS = ("name", "description", "published", *_PINNED, "filename", "format", "license", "architecture",
                 "preprocessing", "source")
-"""The fields every manifest entry has (``notes`` is optional), in the order the manifest writes them."""
-ENTRY_OPTIONAL = ("notes",)
+"""The fields every manifest entry has (``upstream`` and ``notes`` are optional), in the order the manifest writes
+them."""
+ENTRY_OPTIONAL = ("upstream", "notes")
 LICENSE_FIELDS = ("id", "name", "url", "commercial_use")
 _LICENSE_TEXTS = ("commercial_contact", "notes")
+UPSTREAM_FIELDS = ("url", "filename", "format", "size", "sha256")
+UPSTREAM_FORMAT = "nnU-Net v1 .model"
 
 
 def freeze(value):
@@ -346,6 +349,45 @@ class License:
         return {**out, **thaw(self.extra)}
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where the original checkpoint of a model lives, for a conversion on first use: ``url`` (http/https; a Google
+    Drive link is fine), ``filename`` (a plain file name), ``format`` (only ``"nnU-Net v1 .model"``), and ``size``
+    (bytes) and ``sha256`` when known; None means unknown, never a guess."""
+
+    url: str
+    filename: str
+    format: str = UPSTREAM_FORMAT
+    size: int | None = None
+    sha256: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.url, str) or not _URL.fullmatch(self.url):
+            raise ManifestError(f"upstream.url {self.url!r:.80} must be an http(s) URL")
+        if not isinstance(self.filename, str) or not self.filename.strip() or "/" in self.filename \
+                or "\\" in self.filename or self.filename in (".", ".."):
+            raise ManifestError(f"upstream.filename {self.filename!r:.80} must be a plain file name")
+        if self.format != UPSTREAM_FORMAT:
+            raise ManifestError(f"upstream.format {self.format!r:.80} is not supported; uniseg-hub converts "
+                                f"{UPSTREAM_FORMAT!r} files only")
+        if self.size is not None and not _is_int(self.size):
+            raise ManifestError(f"upstream.size {self.size!r:.80} must be the file size in bytes, or null (unknown)")
+        if self.sha256 is not None and not (isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)):
+            raise ManifestError(f"upstream.sha256 {self.sha256!r:.80} must be 64 lower-case hex digits, or null "
+                                "(unknown)")
+
+    @classmethod
+    def from_dict(cls, data) -> Upstream:
+        """Parse the manifest's ``upstream`` object (every field present, ``size`` and ``sha256`` may be null)."""
+        if not isinstance(data, Mapping) or set(data) != set(UPSTREAM_FIELDS):
+            raise ManifestError(f"upstream must be an object with exactly {', '.join(UPSTREAM_FIELDS)} (size and "
+                                "sha256 null when unknown)")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in UPSTREAM_FIELDS}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ManifestEntry:
     """One model of the weights manifest, validated: its Hub copy, licence, architecture and provenance.
@@ -360,6 +402,8 @@ class ManifestEntry:
         architecture: the network, a ``UniSegConfig``.
         preprocessing, source: read-only JSON objects (``FrozenMap``): at least ``axis_order``; ``paper``, ``code``
             and ``code_commit`` (plus ``original_url`` while unpublished, ``original_sha256`` when known).
+        upstream: an ``Upstream`` (the original checkpoint, fetched and converted on first use when the entry is
+            not published), or None.
         notes: free text, or None.
 
     Built from JSON by ``from_dict``, back to JSON by ``to_dict``. Direct construction (and ``dataclasses.replace``)
@@ -381,6 +425,7 @@ class ManifestEntry:
     architecture: UniSegConfig
     preprocessing: FrozenMap
     source: FrozenMap
+    upstream: Upstream | None = None
     notes: str | None = None
     where: InitVar[str] = "entry"
     require_revision: InitVar[bool] = True
@@ -453,7 +498,12 @@ class ManifestEntry:
         if self.notes is not None and not isinstance(self.notes, str):
             fail("notes must be a string")
         try:
-            values = {"license": license_, "architecture": architecture,
+            upstream = self.upstream if self.upstream is None or isinstance(self.upstream, Upstream) \
+                else Upstream.from_dict(self.upstream)
+        except ManifestError as e:
+            fail(str(e))
+        try:
+            values = {"license": license_, "architecture": architecture, "upstream": upstream,
                       "preprocessing": _json_object(preprocessing, "preprocessing"),
                       "source": _json_object(source, "source")}
         except ManifestError as e:
@@ -478,8 +528,8 @@ class ManifestEntry:
             fail(f"unknown field(s) {', '.join(map(str, unknown))}; the fields are "
                  f"{', '.join(ENTRY_FIELDS + ENTRY_OPTIONAL)}")
         notes = data.get("notes")
-        entry = cls(**{k: data[k] for k in ENTRY_FIELDS}, notes=notes if isinstance(notes, str) else None,
-                    where=where, require_revision=require_revision)
+        entry = cls(**{k: data[k] for k in ENTRY_FIELDS}, upstream=data.get("upstream"),
+                    notes=notes if isinstance(notes, str) else None, where=where, require_revision=require_revision)
         if "notes" in data and not isinstance(notes, str):
             raise ManifestError(f"{where} ({entry.name}): notes must be a string")
         return entry
@@ -489,6 +539,8 @@ class ManifestEntry:
         out = {k: getattr(self, k) for k in ("name", "description", "published", *_PINNED, "filename", "format")}
         out.update(license=self.license.to_dict(), architecture=self.architecture.to_dict(),
                    preprocessing=thaw(self.preprocessing), source=thaw(self.source))
+        if self.upstream is not None:
+            out["upstream"] = self.upstream.to_dict()
         if self.notes is not None:
             out["notes"] = self.notes
         return out

@@ -61,6 +61,11 @@ class ChecksumError(UnisegHubError, OSError):
         self.path, self.expected, self.actual = path, expected, actual
 
 
+class UpstreamFileError(ChecksumError):
+    """An upstream (original) checkpoint that arrived but is not the model its manifest entry describes: wrong size
+    or sha256, an HTML page, a pickle the allow-listed loader refuses, or tensors that are not the architecture."""
+
+
 class PublishError(UnisegHubError):
     """``publish`` could not build or upload a repository (bad folder, bad repo id, refused by the Hub)."""
 

@@ -183,13 +183,23 @@ def test_another_manifest_by_environment_or_argument(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ names and errors
 
 
-def test_unpublished_official_model_says_how_to_get_it_and_builds_without_weights(converted_small):
-    for load in (lambda: load_encoder("uniseg-11task"), lambda: download("uniseg-11task")):
+def test_unpublished_official_model_says_how_to_get_it_and_builds_without_weights(converted_small, tmp_path,
+                                                                                  monkeypatch):
+    no_upstream = _official_manifest()
+    del no_upstream["models"][0]["upstream"]
+    for load in (lambda: load_encoder("uniseg-11task", manifest=no_upstream),
+                 lambda: download("uniseg-11task", manifest=no_upstream)):
         with pytest.raises(NotPublishedError) as caught:
             load()
         message = str(caught.value)
         assert "uniseg-hub convert" in message and "uniseg-hub publish" in message
         assert "drive.google.com" in message and isinstance(caught.value, UnisegHubError)
+    # the shipped entry names its Drive file (tests/hub/test_upstream.py fetches such files); offline it says so
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("UNISEG_HUB_CACHE", str(tmp_path / "cache"))
+    for load in (lambda: load_encoder("uniseg-11task"), lambda: download("uniseg-11task")):
+        with pytest.raises(NotAvailableOfflineError, match="drive.google.com.*uniseg-hub convert"):
+            load()
     encoder = load_encoder("uniseg-11task", pretrained=False, in_channels=2)
     assert encoder.feature_info.channels() == [32, 64, 128, 256, 320, 320]
     assert encoder.pretrained_cfg["license"]["commercial_use"] is False

@@ -250,16 +250,17 @@ def demo(weights: str | None = None, out_dir: str = "uniseg-demo", task: str = "
 
 
 def _published_default() -> str:
-    """The default model's name once its file is downloaded and verified, or one error saying how to get weights."""
+    """The default model's name once its file is downloaded (or converted from the original) and verified, or one
+    error saying how to get weights."""
     from ..errors import NotAvailableOfflineError, NotPublishedError
-    from ..hub import download
+    from ..upstream import download
 
     try:
         download(DEFAULT_MODEL)
         return DEFAULT_MODEL
     except (NotPublishedError, NotAvailableOfflineError) as e:
         reason = "it is not published on the Hugging Face Hub yet" if isinstance(e, NotPublishedError) else \
-            "it is not in the cache and the Hub cannot be reached"
+            "it is not in the cache and downloads are off"
         raise UnisegHubError(
             f"no UniSeg weights available ({DEFAULT_MODEL}: {reason}); either convert the official checkpoint "
             f"(uniseg-hub convert model_final_checkpoint.model ./{DEFAULT_MODEL}, then uniseg-hub demo --weights "

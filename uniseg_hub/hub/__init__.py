@@ -5,7 +5,7 @@ fast; a test holds that rule.
 """
 
 from ..config import License, ManifestEntry
-from .download import cache_folder, cache_status, download, verify
+from .download import cache_folder, cache_lock, cache_status, download, offline_reason, verify
 from .manifest import (
     LIBRARY_NAME,
     MANIFEST_ENV,
@@ -20,6 +20,6 @@ from .manifest import (
     parse_manifest,
 )
 
-__all__ = ["cache_folder", "cache_status", "download", "verify", "LIBRARY_NAME", "MANIFEST_ENV", "MANIFEST_FILE",
+__all__ = ["cache_folder", "cache_lock", "cache_status", "download", "offline_reason", "verify", "LIBRARY_NAME", "MANIFEST_ENV", "MANIFEST_FILE",
            "License", "Manifest", "ManifestEntry", "list_models", "load_manifest", "manifest_entry", "model_info",
            "official_preprocessing", "packaged_manifest", "parse_manifest"]

@@ -81,10 +81,7 @@ class _Target:
 
     @property
     def offline_reason(self) -> str | None:
-        """Why the network is off (read at call time: tests and users may switch it), or None."""
-        if self.local_files_only:
-            return "local_files_only=True (--local-files-only)"
-        return "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else None
+        return offline_reason(self.local_files_only)
 
     @property
     def repo_folder(self) -> Path:
@@ -93,6 +90,25 @@ class _Target:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.repo_id}@{self.revision[:12]}/{self.filename})"
+
+
+def offline_reason(local_files_only: bool) -> str | None:
+    """Why the network is off (read at call time: tests and users may switch it), or None."""
+    if local_files_only:
+        return "local_files_only=True (--local-files-only)"
+    return "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else None
+
+
+@contextmanager
+def cache_lock(lock: Path):
+    """Hold the inter-process file lock ``lock`` (one writer per cached file); a read-only cache is used without."""
+    with ExitStack() as stack:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(WeakFileLock(lock))
+        except OSError as e:
+            logger.debug("no lock at %s (%s)", lock, e)
+        yield
 
 
 def _target(name, revision, cache_dir, local_files_only, manifest) -> _Target:
@@ -197,17 +213,9 @@ def _discard(t: _Target, path: Path) -> None:
                                 "it by hand", path=p) from e
 
 
-@contextmanager
 def _verify_lock(t: _Target):
     """Serialise the checks of one file across processes (so four concurrent loads hash it once)."""
-    lock = t.cache_dir / ".locks" / t.repo_folder.name / f"{t.entry.sha256}.uniseg_hub.lock"
-    with ExitStack() as stack:
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(WeakFileLock(lock))
-        except OSError as e:  # a read-only cache: check without the lock
-            logger.debug("no lock at %s (%s)", lock, e)
-        yield
+    return cache_lock(t.cache_dir / ".locks" / t.repo_folder.name / f"{t.entry.sha256}.uniseg_hub.lock")
 
 
 def _check(t: _Target, path: Path) -> tuple[str | None, str | None]:
