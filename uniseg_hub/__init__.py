@@ -37,16 +37,17 @@ _LAZY = {
     "UniSegConfig": "config", "ManifestEntry": "config",
     "load_encoder": "pretrained", "load_model": "pretrained",
     "convert_checkpoint": "weights",
-    "download": "upstream", "verify": "hub", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
+    "download": "upstream", "verify": "upstream", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
     "publish": "app.publish",
 }
 
 if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
     from .app.publish import publish  # noqa: F401
-    from .hub import list_models, load_manifest, model_info, verify  # noqa: F401
+    from .config import ManifestEntry, UniSegConfig  # noqa: F401
+    from .hub import list_models, load_manifest, model_info  # noqa: F401
     from .networks import UniSeg, UniSegBackbone, UniSegEncoder  # noqa: F401
     from .pretrained import load_encoder, load_model  # noqa: F401
-    from .upstream import download  # noqa: F401
+    from .upstream import download, verify  # noqa: F401
     from .weights import convert_checkpoint  # noqa: F401
 
 

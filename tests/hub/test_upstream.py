@@ -154,8 +154,10 @@ def test_first_use_fetches_verifies_converts_then_loads_without_requests(served,
                                                                          "model.safetensors"]
     fake_hub.clear_log()
     caplog.clear()
-    encoder = load_encoder(NAME, in_channels=2)
-    assert fake_hub.requests() == [] and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="uniseg_hub"):
+        encoder = load_encoder(NAME, in_channels=2)
+    assert fake_hub.requests() == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no licence line, no unpinned warning
     assert encoder.pretrained_cfg["weights"] == str(folder_of(hf_isolated) / "model.safetensors")
     assert download(NAME) == folder_of(hf_isolated) / "model.safetensors" and fake_hub.requests() == []
 
