@@ -115,7 +115,8 @@ def test_every_exception_lives_in_errors_py():
         if path.name == "errors.py":
             continue
         classes = [node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
-                   and any(getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases)]
+                   and any(getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception"))
+                           for b in node.bases)]
         assert not classes, f"{path.relative_to(PACKAGE)} defines {classes}; put exceptions in uniseg_hub/errors.py"
 
 

@@ -8,8 +8,9 @@
   adapted from the nearest native stem otherwise).
 
 ``src`` is a model name from the manifest (weights downloaded from the Hugging Face Hub and sha256-checked by
-``uniseg_hub.hub``, or the original checkpoint fetched, verified and converted once by ``uniseg_hub.upstream``) or a local checkpoint: a folder written by ``uniseg-hub convert`` or a ``.safetensors`` file
-beside its ``config.json``. A ``pathlib.Path`` or a string naming an existing file or folder is local, except that
+``uniseg_hub.hub``, or the original checkpoint fetched, verified and converted once by ``uniseg_hub.upstream``) or
+a local checkpoint: a folder written by ``uniseg-hub convert`` or a ``.safetensors`` file beside its
+``config.json``. A ``pathlib.Path`` or a string naming an existing file or folder is local, except that
 a manifest name always means the manifest's model (write ``./NAME`` for a folder of that name).
 """
 
@@ -80,8 +81,7 @@ def resolve(src, *, pretrained: bool = True, revision=None, cache_dir=None, loca
                                 f"{entry.sha256}: it is another checkpoint; load it by its folder instead",
                                 path=file, expected=entry.sha256, actual=digest)
     else:
-        file = download(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                            manifest=m)
+        file = download(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, manifest=m)
     return config, {**info, "weights": str(file)}, read_safetensors(file)[1], f"{src} ({file})"
 
 

@@ -105,7 +105,8 @@ def to_backbone(state: Mapping[str, torch.Tensor], config: UniSegConfig, num_cla
 
 
 def to_encoder(state: Mapping[str, torch.Tensor], config: UniSegConfig, in_channels: int, *,
-               out_indices: Sequence[int] | None = None, source: str = "checkpoint") -> tuple[UniSegEncoder, LoadReport]:
+               out_indices: Sequence[int] | None = None,
+               source: str = "checkpoint") -> tuple[UniSegEncoder, LoadReport]:
     """The six-stage encoder of ``state`` (of ``config``) with one stem for ``in_channels`` (native or adapted)."""
     in_channels = check_in_channels(in_channels)
     encoder = UniSegEncoder((in_channels,), config.features, config.kernel_sizes, config.strides,

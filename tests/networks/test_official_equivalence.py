@@ -1,7 +1,7 @@
 """Our network, loaded through ``convert``, against numbers produced by the official UniSeg classes.
 
-``tests/networks/data/official_golden.json`` was produced by running the official ``UniSeg_model`` and ``UniSeg_Backbone``
-on seeded weights and inputs (``tests/golden/README.md``). Here the same seeded weights are written as an
+``tests/networks/data/official_golden.json`` was produced by running the official ``UniSeg_model`` and
+``UniSeg_Backbone`` on seeded weights and inputs (``tests/golden/README.md``). Here the same seeded weights are written as an
 official-format checkpoint, converted with ``convert_checkpoint`` and run in MONAI axis order; the outputs,
 permuted back to (z, y, x), must match with a relative error below 1e-4 in float32.
 """

@@ -20,6 +20,6 @@ from .manifest import (
     parse_manifest,
 )
 
-__all__ = ["cache_folder", "cache_lock", "cache_status", "download", "offline_reason", "verify", "LIBRARY_NAME", "MANIFEST_ENV", "MANIFEST_FILE",
-           "License", "Manifest", "ManifestEntry", "list_models", "load_manifest", "manifest_entry", "model_info",
-           "official_preprocessing", "packaged_manifest", "parse_manifest"]
+__all__ = ["cache_folder", "cache_lock", "cache_status", "download", "offline_reason", "verify", "LIBRARY_NAME",
+           "MANIFEST_ENV", "MANIFEST_FILE", "License", "Manifest", "ManifestEntry", "list_models", "load_manifest",
+           "manifest_entry", "model_info", "official_preprocessing", "packaged_manifest", "parse_manifest"]
