@@ -245,7 +245,8 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         task: liver, kidney, hepatic_vessel, pancreas, colon, lung, spleen, vertebrae, prostate, brats, autopet, an
             id 0-10, or all (every task of the input's modality; the encoder is shared).
         out: output folder; <case>_<task>.nii.gz, _preview.png, _volumes.json/.csv (and _probabilities.nii.gz).
-        model: a model name of the manifest (see `uniseg-hub list`) or a folder written by `uniseg-hub convert`.
+        model: a model name of the manifest (see `uniseg-hub list`), a folder written by `uniseg-hub convert`, or a
+            Hub repository written by `uniseg-hub publish` (ORG/NAME or ORG/NAME@REVISION).
         device: cpu, cuda or cuda:N (default: cuda when available).
         tta: 8-flip mirror test-time augmentation, as the official inference (--tta False is 8x faster).
         overlap: sliding-window overlap (official 0.5).

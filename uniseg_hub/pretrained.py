@@ -10,8 +10,8 @@
 ``src`` is a model name from the manifest (weights downloaded from the Hugging Face Hub and sha256-checked by
 ``uniseg_hub.hub``, or the original checkpoint fetched, verified and converted once by ``uniseg_hub.upstream``) or
 a local checkpoint: a folder written by ``uniseg-hub convert`` or a ``.safetensors`` file beside its
-``config.json``. A ``pathlib.Path`` or a string naming an existing file or folder is local, except that
-a manifest name always means the manifest's model (write ``./NAME`` for a folder of that name).
+``config.json``, or a Hub repository written by ``uniseg-hub publish`` (``ORG/NAME``, ``ORG/NAME@REVISION``). An
+existing file or folder wins over a manifest name of the same spelling, as in ``transformers`` and ``timm``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .networks import UniSegEncoder
 from .transfer import check_in_channels, to_backbone, to_encoder
 from .upstream import download
 from .weights import (
+    WEIGHTS_FILE,
     LoadReport,
     build_network,
     load_checked,
@@ -42,28 +43,41 @@ from .weights import (
 logger = logging.getLogger(__name__)
 
 
-def _is_local(src, manifest) -> bool:
-    if not isinstance(src, str):
-        raise UnisegHubError(f"expected a model name or a path, got {type(src).__name__} {src!r}")
-    return src not in manifest.models and (os.path.exists(src) or os.sep in src or "/" in src
-                                           or src.endswith(".safetensors"))
-
-
 def resolve(src, *, pretrained: bool = True, revision=None, cache_dir=None, local_files_only: bool = False,
             weights_path=None, manifest=None) -> tuple[UniSegConfig, dict, dict | None, str]:
     """What ``src`` names, read once: (architecture, pretrained_cfg, state dict or None when not ``pretrained``,
-    a label for messages). ``pretrained_cfg`` is the manifest entry or the folder's config.json."""
-    m = None if isinstance(src, os.PathLike) else hub.load_manifest(manifest)
-    if m is None or _is_local(src, m):
+    a label for messages). ``pretrained_cfg`` is the manifest entry or the folder's config.json.
+
+    ``src``, in this order: an existing file or folder (it wins over a manifest name, as in ``transformers`` and
+    ``timm``); a manifest name; a Hub repository ``ORG/NAME`` or ``ORG/NAME@REVISION`` (``hub.download_repo``);
+    else a local path that does not exist (the error says so).
+    """
+    if not isinstance(src, (str, os.PathLike)):
+        raise UnisegHubError(f"expected a model name, a Hub repository id or a path, got {type(src).__name__} "
+                             f"{src!r}")
+    m = None if isinstance(src, os.PathLike) or os.path.exists(src) else hub.load_manifest(manifest)
+    repo = None if m is None or src in m.models else hub.parse_repo_id(src)
+    if m is None or (src not in m.models and repo is None):
         if revision is not None or weights_path is not None:
-            raise UnisegHubError(f"revision and weights_path apply to manifest names, not to the local checkpoint "
-                                 f"{src}")
+            raise UnisegHubError(f"revision and weights_path apply to manifest names and Hub repositories, not to the "
+                                 f"local checkpoint {src}")
+        if m is not None and os.sep not in src and "/" not in src and not src.endswith(".safetensors"):
+            raise UnknownModelError(f"unknown model {src!r}: the manifest {m.path} lists: {', '.join(m.models)}; "
+                                    "no file or folder of that name exists and it is no Hub repository id "
+                                    "(ORG/NAME); see `uniseg-hub list`")
         checkpoint = read_folder(src, tensors=pretrained)
         return checkpoint.config, checkpoint.document, checkpoint.state if pretrained else None, str(src)
-    try:
-        entry = m.entry(src)
-    except UnknownModelError as e:
-        raise UnknownModelError(f"{e}; no file or folder {src!r} exists either") from None
+    if repo is not None:
+        repo_id, pinned = repo
+        if pinned is not None and revision is not None and pinned != revision:
+            raise UnisegHubError(f"{src} names revision {pinned} but revision={revision!r} was passed; give one")
+        folder = hub.download_repo(repo_id, pinned or revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only, weights=pretrained)
+        checkpoint = read_folder(folder, tensors=pretrained)
+        info = {**checkpoint.document, "repo_id": repo_id, "revision": folder.name,
+                "weights": str(folder / WEIGHTS_FILE)}
+        return checkpoint.config, info, checkpoint.state if pretrained else None, f"{src} ({folder})"
+    entry = m.entry(src)
     config = entry.architecture
     data = entry.to_dict()
     info = {**{k: v for k, v in data.items() if k != "architecture"}, **data["architecture"]}

@@ -5,7 +5,16 @@ fast; a test holds that rule.
 """
 
 from ..config import License, ManifestEntry
-from .download import cache_folder, cache_lock, cache_status, download, offline_reason, verify
+from .download import (
+    cache_folder,
+    cache_lock,
+    cache_status,
+    download,
+    download_repo,
+    offline_reason,
+    parse_repo_id,
+    verify,
+)
 from .manifest import (
     LIBRARY_NAME,
     MANIFEST_ENV,
@@ -20,6 +29,7 @@ from .manifest import (
     parse_manifest,
 )
 
-__all__ = ["cache_folder", "cache_lock", "cache_status", "download", "offline_reason", "verify", "LIBRARY_NAME",
+__all__ = ["cache_folder", "cache_lock", "cache_status", "download", "download_repo", "offline_reason",
+           "parse_repo_id", "verify", "LIBRARY_NAME",
            "MANIFEST_ENV", "MANIFEST_FILE", "License", "Manifest", "ManifestEntry", "list_models", "load_manifest",
            "manifest_entry", "model_info", "official_preprocessing", "packaged_manifest", "parse_manifest"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -285,6 +286,59 @@ def download(name: str, revision: str | None = None, cache_dir: str | os.PathLik
                     "repository", path=path, expected=t.entry.sha256)
             logger.warning("%s: the file %s has %s; removed it, fetching it once more", t.label, path, problem)
     raise AssertionError("unreachable")
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+REPO_FILES = ("config.json", "model.safetensors")
+"""What a uniseg-hub repository on the Hub holds at its top level (``uniseg-hub publish`` writes them)."""
+
+
+def parse_repo_id(src: str) -> tuple[str, str | None] | None:
+    """(repository id, revision or None) when ``src`` is written ``ORG/NAME`` or ``ORG/NAME@REVISION``, else None."""
+    repo_id, at, revision = src.partition("@")
+    if not REPO_ID.fullmatch(repo_id) or (at and not revision) or repo_id.endswith((".", "-")):
+        return None
+    return repo_id, revision or None
+
+
+def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                  local_files_only: bool = False, weights: bool = True) -> Path:
+    """The snapshot folder holding ``config.json`` (and ``model.safetensors`` when ``weights``) of a Hub repository
+    named directly, as ``transformers`` and ``timm`` take ``ORG/NAME``: fetched with ``hf_hub_download`` into the
+    huggingface_hub cache (a cached revision needs no request), ``revision`` a commit, branch or tag (default main).
+
+    Nothing pins such a repository's content (a manifest entry does); the commit it resolved to is in the folder's
+    path. Errors name the repository and the fix: ``DownloadError`` (no such repository, revision or file, refused,
+    network), ``NotAvailableOfflineError`` (offline and not cached).
+    """
+    offline = offline_reason(local_files_only)
+    endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT  # read now, as offline is
+    label = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        for filename in REPO_FILES[: 2 if weights else 1]:
+            path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=offline is not None, endpoint=endpoint,
+                                        library_name=LIBRARY_NAME, library_version=__version__))
+    except (OSError, ValueError, hf_errors.EntryNotFoundError, _TRANSPORT_ERROR) as e:
+        chain = [e, e.__cause__, e.__context__]
+        if any(isinstance(c, (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError)) for c in chain):
+            raise DownloadError(f"no repository {repo_id} on {endpoint} that this account can read: check the id "
+                                "(ORG/NAME), log in for a private or gated one (`hf auth login` or HF_TOKEN), or "
+                                "give a local folder") from e
+        if any(isinstance(c, hf_errors.RevisionNotFoundError) for c in chain):
+            raise DownloadError(f"{repo_id} on {endpoint} has no revision {revision!r}; give a commit, branch or "
+                                "tag of the repository") from e
+        if any(isinstance(c, hf_errors.RemoteEntryNotFoundError) for c in chain):
+            raise DownloadError(f"{label} on {endpoint} has no {filename}: it is not a repository written by "
+                                "`uniseg-hub publish` (config.json + model.safetensors)") from e
+        if isinstance(e, hf_errors.LocalEntryNotFoundError) and offline:
+            raise NotAvailableOfflineError(f"{label} is not in the huggingface_hub cache and downloads are off "
+                                           f"({offline}); load it once with network access, or allow downloads") \
+                from e
+        raise DownloadError(f"could not fetch {label} from {endpoint}: {_one_line(e.__cause__ or e)}; check the "
+                            "network, HF_ENDPOINT and the proxy settings (HTTPS_PROXY, NO_PROXY)") from e
+    logger.info("%s: not pinned by the manifest; loaded the repository at commit %s", label, path.parent.name)
+    return path.parent
 
 
 def verify(name: str, cache_dir: str | os.PathLike | None = None, manifest=None) -> Path:

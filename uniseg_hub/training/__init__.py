@@ -32,8 +32,8 @@ from .handlers import (
     ProgressBar,
     TrainingCheckpoint,
     TrainingLog,
-    loss_of,
     log_metrics,
+    loss_of,
 )
 from .model import build_network, ds_weights, load_trained
 
