@@ -294,14 +294,15 @@ class Checkpoint:
 
 def read_folder(path: str | os.PathLike, tensors: bool = True) -> Checkpoint:
     """A converted folder, or a lone ``.safetensors`` file (architecture from its metadata). The architecture is
-    parsed and bounded before any tensor is read; ``tensors=False`` leaves the weights unread."""
+    parsed and bounded before any tensor is read; ``tensors=False`` leaves the weights unread (a folder then needs
+    only its ``config.json``)."""
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    if not weights.is_file():
+    config_file = weights.parent / CONFIG_FILE
+    if not weights.is_file() and (tensors or not path.is_dir() or not config_file.is_file()):  # architecture only
         raise UnisegHubError(
             f"{path} holds no {WEIGHTS_FILE}; pass a folder written by `uniseg-hub convert` or a .safetensors file"
         )
-    config_file = weights.parent / CONFIG_FILE
     if config_file.is_file():
         where, text = str(config_file), config_file.read_text(errors="replace")
     else:

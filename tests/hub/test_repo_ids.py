@@ -23,6 +23,7 @@ def hub_repo(fake_hub, hf_isolated, small_release, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
     folder, _ = small_release
     first = fake_hub.commit_folder(REPO, folder)
+    fake_hub.commit("test-org/config-only", {"config.json": (folder / "config.json").read_bytes()})
     return first, fake_hub.commit(REPO, {"README.md": b"second commit\n"})
 
 
@@ -47,6 +48,11 @@ def test_a_hub_repository_loads_by_its_id_and_then_offline(hub_repo, fake_hub, c
     pinned = load_encoder(f"{REPO}@{first}", in_channels=1)
     assert pinned.pretrained_cfg["revision"] == first
     assert load_model(REPO, revision=first).pretrained_cfg["revision"] == first
+    fake_hub.clear_log()
+    architecture = load_model("test-org/config-only", pretrained=False)  # only config.json is fetched
+    assert architecture.config == model.config and not architecture.load_report.loaded
+    fetched = {r.path.rsplit("/", 1)[-1] for r in fake_hub.requests() if "/resolve/" in r.path}
+    assert fetched == {"config.json"}
     fake_hub.clear_log()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert equal_states(load_model(f"{REPO}@{first}").state_dict(), expected)  # a cached commit: no request
