@@ -29,6 +29,10 @@ NUM_TASKS = 11
 HEAD_CHANNELS = 4
 """The official 11-task model (MONAI axis order), ``shared/reference/uniseg-official.md`` §1."""
 
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+"""The two files of a converted folder and of a published repository (``weights.save_folder`` writes them)."""
+
 ARCHITECTURES = ("UniSeg", "UniSegBackbone")
 UNIVERSAL_ONLY = ("num_tasks", "head_channels", "patch_size")
 """Fields of the universal model that a backbone does not have (and ``num_classes`` the other way round)."""

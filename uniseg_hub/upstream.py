@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 
 from . import hub
-from .config import ManifestEntry
+from .config import WEIGHTS_FILE, ManifestEntry
 from .errors import (
     ChecksumError,
     DownloadError,
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_ENV = "UNISEG_HUB_CACHE"
 RECORD_FILE = "converted.json"
-WEIGHTS_FILE = "model.safetensors"  # weights.WEIGHTS_FILE, named here so the cached path needs no torch
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

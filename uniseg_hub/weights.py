@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .config import UniSegConfig, total_stride
+from .config import CONFIG_FILE, WEIGHTS_FILE, UniSegConfig, total_stride
 from .errors import (
     ConfigError,
     IncompatibleCheckpointError,
@@ -34,8 +34,6 @@ from .errors import (
 from .files import atomic_path, format_json, sha256_file, write_text_atomic
 from .networks import UniSeg, UniSegBackbone
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 ARCHITECTURES = {"UniSeg": UniSeg, "UniSegBackbone": UniSegBackbone}
 """The network class of each ``UniSegConfig.architecture``."""

@@ -27,7 +27,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import WeakFileLock
 
 from .. import __version__
-from ..config import ManifestEntry
+from ..config import CONFIG_FILE, WEIGHTS_FILE, ManifestEntry
 from ..errors import (
     ChecksumError,
     DownloadError,
@@ -119,25 +119,25 @@ def _target(name, revision, cache_dir, local_files_only, manifest) -> _Target:
     return _Target(m, entry, revision, cache_folder(cache_dir), bool(local_files_only))
 
 
+def _caused_by(error: BaseException, *classes: type) -> bool:
+    """Whether ``error`` or what it wraps is one of ``classes`` (huggingface_hub often wraps the real cause)."""
+    return any(isinstance(e, classes) for e in (error, error.__cause__, error.__context__))
+
+
 def _explain(t: _Target, error: BaseException) -> DownloadError:
     """Our error for a huggingface_hub failure; the client often wraps the real cause, so look at the chain."""
-    chain = [error, error.__cause__, error.__context__]
-
-    def caused_by(cls) -> bool:
-        return any(isinstance(e, cls) for e in chain)
-
     entry_fix = f"check the entry in the manifest {t.manifest.path} and HF_ENDPOINT"
-    if caused_by(hf_errors.GatedRepoError):
+    if _caused_by(error, hf_errors.GatedRepoError):
         return DownloadError(f"{t.repo_id} (model {t.name}) is gated on {t.endpoint}: accept its terms on the "
                              "repository page, then log in with `hf auth login` or set HF_TOKEN")
-    if caused_by(hf_errors.RepositoryNotFoundError):
+    if _caused_by(error, hf_errors.RepositoryNotFoundError):
         return DownloadError(f"repository {t.repo_id} (model {t.name}) was not found on {t.endpoint}: {entry_fix}; "
                              "a private repository also needs a token (`hf auth login` or HF_TOKEN)")
-    if caused_by(hf_errors.RevisionNotFoundError):
+    if _caused_by(error, hf_errors.RevisionNotFoundError):
         return DownloadError(f"revision {t.revision} of {t.repo_id} (model {t.name}) was not found on "
                              f"{t.endpoint}: the repository has no such commit; {entry_fix}, or pass another "
                              "revision")
-    if caused_by(hf_errors.RemoteEntryNotFoundError):
+    if _caused_by(error, hf_errors.RemoteEntryNotFoundError):
         return DownloadError(f"file {t.filename} is not in {t.repo_id} at revision {t.revision} (model {t.name}) "
                              f"on {t.endpoint}: {entry_fix}")
     if isinstance(error, hf_errors.LocalEntryNotFoundError):
@@ -289,7 +289,7 @@ def download(name: str, revision: str | None = None, cache_dir: str | os.PathLik
 
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-REPO_FILES = ("config.json", "model.safetensors")
+REPO_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 """What a uniseg-hub repository on the Hub holds at its top level (``uniseg-hub publish`` writes them)."""
 
 
@@ -320,15 +320,14 @@ def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os
                                         local_files_only=offline is not None, endpoint=endpoint,
                                         library_name=LIBRARY_NAME, library_version=__version__))
     except (OSError, ValueError, hf_errors.EntryNotFoundError, _TRANSPORT_ERROR) as e:
-        chain = [e, e.__cause__, e.__context__]
-        if any(isinstance(c, (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError)) for c in chain):
+        if _caused_by(e, hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
             raise DownloadError(f"no repository {repo_id} on {endpoint} that this account can read: check the id "
                                 "(ORG/NAME), log in for a private or gated one (`hf auth login` or HF_TOKEN), or "
                                 "give a local folder") from e
-        if any(isinstance(c, hf_errors.RevisionNotFoundError) for c in chain):
+        if _caused_by(e, hf_errors.RevisionNotFoundError):
             raise DownloadError(f"{repo_id} on {endpoint} has no revision {revision!r}; give a commit, branch or "
                                 "tag of the repository") from e
-        if any(isinstance(c, hf_errors.RemoteEntryNotFoundError) for c in chain):
+        if _caused_by(e, hf_errors.RemoteEntryNotFoundError):
             raise DownloadError(f"{label} on {endpoint} has no {filename}: it is not a repository written by "
                                 "`uniseg-hub publish` (config.json + model.safetensors)") from e
         if isinstance(e, hf_errors.LocalEntryNotFoundError) and offline:
