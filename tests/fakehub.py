@@ -94,7 +94,7 @@ class FakeHub:
         """Add a commit on top of ``branch`` (created if needed) that writes ``files`` and removes ``deleted``;
         returns its 40-hex sha."""
         with self.lock:
-            repo = self.repos.setdefault(repo_id, {"commits": {}, "refs": {}})
+            repo = self.repos.setdefault(repo_id, {"commits": {}, "refs": {}, "tags": {}})
             parent = repo["refs"].get(branch)
             tree = {k: v for k, v in (repo["commits"][parent] if parent else {}).items() if k not in deleted}
             for path, data in files.items():
@@ -122,7 +122,9 @@ class FakeHub:
         repo = self.repos.get(repo_id)
         if repo is None:
             return None, None
-        sha = repo["refs"].get(revision, revision if revision in repo["commits"] else None)
+        sha = repo["refs"].get(revision) or repo["tags"].get(revision)
+        if sha is None and revision in repo["commits"]:
+            sha = revision
         return repo, sha
 
     def requests(self, server: str | None = None, method: str | None = None) -> list[Request]:
@@ -183,7 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
             if repo is None:
                 return self._error("RepoNotFound", "Repository not found")
             branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": s} for n, s in repo["refs"].items()]
-            return self._json({"branches": branches, "converts": [], "tags": []})
+            tags = [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in repo["tags"].items()]
+            return self._json({"branches": branches, "converts": [], "tags": tags})
         if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             return self._resolve(m[1], m[2], m[3])
         self._send(404)
@@ -275,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
             if repo_id in self.fake.repos:
                 return self._json({"error": "You already created this model repo", "url": f"{self.fake.url}/"
                                    f"{repo_id}"}, 409)
-            self.fake.repos[repo_id] = {"commits": {}, "refs": {}}
+            self.fake.repos[repo_id] = {"commits": {}, "refs": {}, "tags": {}}
             return self._json({"url": f"{self.fake.url}/{repo_id}", "name": repo_id})
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path):
             if m[1] not in self.fake.repos:
@@ -283,6 +286,15 @@ class _Handler(BaseHTTPRequestHandler):
             files = json.loads(body)["files"]
             return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                          for f in files]})
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tag/([^/]+)", path):  # create_tag: a tag never moves
+            if (found := self._commit(m[1], m[2])) is None:
+                return
+            repo, sha = found
+            tag = json.loads(body)["tag"]
+            if tag in repo["tags"]:
+                return self._json({"error": f"Tag {tag} already exists"}, 409)
+            repo["tags"][tag] = sha
+            return self._json({})
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/([^/]+)", path):
             if m[1] not in self.fake.repos:
                 return self._error("RepoNotFound", "Repository not found")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard, constants
 
 from uniseg_hub import PublishError, cli, load_encoder, load_model
@@ -52,7 +53,8 @@ def make_bundle(root: Path) -> Path:
 
 
 BUNDLE_FILES = ["LICENSE", "README.md", "config.json", "configs/inference.json", "configs/metadata.json",
-                "docs/README.md", "model.safetensors", "models/config.json", "models/model.safetensors"]
+                "docs/README.md", "large_files.yml", "model.safetensors", "models/config.json", "models/model.pt",
+                "models/model.safetensors"]
 
 
 @pytest.mark.slow
@@ -189,6 +191,55 @@ def test_publish_dry_run_is_served_and_loads_back_equal(fake_hub, hf_isolated, c
     assert sha256_file(got / "models" / "model.safetensors") == entry["sha256"]
 
 
+MONAI_CLIENT = """
+import json, sys, torch, monai.bundle
+name, repo, bundles, fields = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+monai.bundle.download(name=name, source="huggingface_hub", repo=repo, bundle_dir=bundles)
+model = monai.bundle.load(name=name, source="huggingface_hub", repo=repo, bundle_dir=bundles,
+                          workflow_type="inference", net_override=fields, device="cpu")
+torch.save(model.state_dict(), sys.argv[5])
+"""
+
+
+@pytest.mark.slow
+def test_the_published_repository_is_a_monai_bundle_for_download_load_and_large_files(fake_hub, converted_small,
+                                                                                        tmp_path):
+    """What a MONAI user runs against the published repository (real bundle configs, the real clients in fresh
+    processes): download picks the version tag, load builds the inference network_def and reads models/model.pt,
+    download_large_files re-fetches the model files from the tag and checks their sha256."""
+    env = cli_env(fake_hub, tmp_path / "home", HF_TOKEN=TOKEN)
+    result = run("publish", converted_small, "--repo-id", "test-org/uniseg-mb", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    published = json.loads(result.stdout)
+    assert fake_hub.repos["test-org/uniseg-mb"]["tags"] == {"v0.1.0": published["commit"]}
+
+    bundles, state_file = tmp_path / "bundles", tmp_path / "state.pt"
+    fields = read_folder(converted_small).config.to_dict()["config"]
+    client = subprocess.run([sys.executable, "-c", MONAI_CLIENT, "uniseg_mb", "test-org/uniseg-mb", str(bundles),
+                             json.dumps(fields), str(state_file)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert client.returncode == 0, client.stderr
+    asked = [r.path for r in fake_hub.requests("hub") if "/revision/" in r.path]
+    assert asked == ["/api/models/test-org/uniseg-mb/revision/v0.1.0"], asked  # MONAI's latest version: the tag
+    source, loaded = read_folder(converted_small).state, torch.load(state_file, weights_only=True)
+    assert loaded.keys() == source.keys() and all(torch.equal(loaded[k], v) for k, v in source.items())
+
+    got = bundles / "uniseg_mb"
+    listed = yaml.safe_load((got / "large_files.yml").read_text())["large_files"]
+    assert listed == published["large_files"]
+    assert [sha256_file(got / item["path"]) for item in listed] == [item["hash_val"] for item in listed]
+    for item in listed:
+        (got / item["path"]).unlink()
+    fetched = subprocess.run([sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path",
+                              str(got)], capture_output=True, text=True, env=env, timeout=300)
+    assert fetched.returncode == 0, fetched.stderr
+    assert [sha256_file(got / item["path"]) for item in listed] == [item["hash_val"] for item in listed]
+
+    again = run("publish", converted_small, "--repo-id", "test-org/uniseg-mb", env=env)
+    assert "already has the tag v0.1.0" in failed(again)
+    assert len(fake_hub.repos["test-org/uniseg-mb"]["commits"]) == 1
+
+
 def test_publish_uploads_one_commit_and_prints_the_entry_pinned_to_it(fake_hub, hf_isolated, converted_small,
                                                                       tmp_path, monkeypatch, capsys):
     """In-process (the subprocess path is the dry run's): the token comes from HF_TOKEN, the Hub from HF_ENDPOINT
@@ -202,13 +253,20 @@ def test_publish_uploads_one_commit_and_prints_the_entry_pinned_to_it(fake_hub, 
         printed = json.loads(capsys.readouterr().out)
         repo = fake_hub.repos["test-org/uniseg-up"]
         first = printed["commit"]
-        again = publishing.publish(converted_small, "test-org/uniseg-up", bundle=False)
+        again = publishing.publish(converted_small, "test-org/uniseg-up", bundle=False, tag="v0.1.0-2")
+        with pytest.raises(PublishError, match=f"already has the tag v0.1.0 \\(commit {first}\\).*another --tag"):
+            publishing.publish(converted_small, "test-org/uniseg-up", bundle=False)
         with pytest.raises(PublishError, match="HTTP 401.*hf auth login"):
-            publishing.publish(converted_small, "test-org/uniseg-up", token=False)
+            publishing.publish(converted_small, "test-org/uniseg-up", token=False, tag="v9")
     assert first == printed["entry"]["revision"] and repo["refs"]["main"] == again["commit"] != first
     assert sorted(repo["commits"][first]) == BUNDLE_FILES and printed["folder"] is None
     assert sorted(repo["commits"][again["commit"]]) == ["README.md", "config.json", "model.safetensors"]
-    assert printed["large_files_entry"]["url"].endswith(f"/resolve/{first}/model.safetensors")
+    assert [item["path"] for item in printed["large_files"]] == ["models/model.safetensors", "models/config.json",
+                                                                 "models/model.pt"]
+    assert printed["large_files"][0]["url"] == f"{fake_hub.url}/test-org/uniseg-up/resolve/v0.1.0/models/" \
+                                               "model.safetensors"
+    assert printed["large_files"][0]["hash_val"] == printed["entry"]["sha256"] and printed["tag"] == "v0.1.0"
+    assert repo["tags"] == {"v0.1.0": first, "v0.1.0-2": again["commit"]} and len(repo["commits"]) == 2
     posts = fake_hub.requests("hub", "POST")
     assert [p.path for p in posts[:4]] == ["/api/repos/create", "/api/validate-yaml",
                                            "/api/models/test-org/uniseg-up/preupload/main",

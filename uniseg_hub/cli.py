@@ -185,15 +185,15 @@ def convert(src: str, out_dir: str, *, overwrite: bool = False, json: bool = Fal
 
 
 def publish(folder: str, *, repo_id: str, name=None, description=None, source_url=None, bundle_dir=None,
-            bundle: bool = True, out_dir=None, dry_run: bool = False, private: bool = False, manifest=None,
+            bundle: bool = True, tag=None, out_dir=None, dry_run: bool = False, private: bool = False, manifest=None,
             json: bool = False) -> None:
     """Publish a converted folder as a Hugging Face Hub repository and print its manifest entry.
 
     The repository gets model.safetensors, config.json, a model card README.md (licence: UniSeg's non-commercial
-    terms) and the MONAI bundle (configs/, docs/, LICENSE, models/), so that uniseg-hub and
-    monai.bundle.download(source="huggingface_hub") both load it. The upload is one commit after which the
-    repository holds exactly these files; it needs a token with write access (`hf auth login` or HF_TOKEN). The
-    entry printed afterwards pins that commit.
+    terms) and the MONAI bundle (configs/, docs/, LICENSE, models/, large_files.yml), so that uniseg-hub,
+    monai.bundle.download(source="huggingface_hub") and monai.bundle.load all load it. The upload is one commit
+    after which the repository holds exactly these files, tagged v<package version>; it needs a token with write
+    access (`hf auth login` or HF_TOKEN). The entry printed afterwards pins that commit.
 
     Args:
         folder: written by `uniseg-hub convert`.
@@ -203,6 +203,7 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
         source_url: where the original checkpoint comes from (the entry's source.original_url).
         bundle_dir: the MONAI bundle to include (default: the repository's bundle/ when it exists).
         bundle: --nobundle publishes the model files only.
+        tag: the tag that marks the commit (default v<package version>); a tag the repository has is refused.
         out_dir: build the repository folder here (default: a temporary folder, kept for --dry-run).
         dry_run: build the folder and print the entry it would add; upload nothing.
         private: create the repository as private.
@@ -212,7 +213,7 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
     from .app.publish import publish as run
 
     result = run(folder, repo_id, name=name, description=description, source_url=source_url,
-                 bundle_dir=bundle_dir, bundle=bundle, out_dir=out_dir, dry_run=dry_run, private=private,
+                 bundle_dir=bundle_dir, bundle=bundle, tag=tag, out_dir=out_dir, dry_run=dry_run, private=private,
                  manifest=manifest)
     bundle_note = (f"with the MONAI bundle from {result['bundle']}" if result["bundle"] else
                    "model files only, no MONAI bundle (" + ("--nobundle" if not bundle else
@@ -224,11 +225,15 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
         lines.append(f"dry run: nothing uploaded; the entry's revision is the commit that the upload to "
                      f"{result['repo_id']} will create")
     else:
-        lines.append(f"uploaded to {result['repo_id']} at commit {result['commit']}: {result['url']}")
+        lines.append(f"uploaded to {result['repo_id']} at commit {result['commit']}, tagged {result['tag']}: "
+                     f"{result['url']}")
     entry = result["entry"].to_dict()
     lines += ["manifest entry (add it to the models list of weights_manifest.json):", format_json(entry)]
-    if "large_files_entry" in result:
-        lines += ["bundle large_files.yml entry:", *(f"  {k}: \"{v}\"" for k, v in result["large_files_entry"].items())]
+    if result["large_files"]:
+        lines += [f"the bundle's large_files.yml (in the repository; for a copy of the bundle elsewhere), at tag "
+                  f"{result['tag']}:", "large_files:"]
+        for item in result["large_files"]:
+            lines += [f"  - {k}: \"{v}\"" if k == "path" else f"    {k}: \"{v}\"" for k, v in item.items()]
     emit({**result, "entry": entry}, json, "\n".join(lines))
 
 

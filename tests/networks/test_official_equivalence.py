@@ -1,9 +1,9 @@
 """Our network, loaded through ``convert``, against numbers produced by the official UniSeg classes.
 
 ``tests/networks/data/official_golden.json`` was produced by running the official ``UniSeg_model`` and
-``UniSeg_Backbone`` on seeded weights and inputs (``tests/golden/README.md``). Here the same seeded weights are written as an
-official-format checkpoint, converted with ``convert_checkpoint`` and run in MONAI axis order; the outputs,
-permuted back to (z, y, x), must match with a relative error below 1e-4 in float32.
+``UniSeg_Backbone`` on seeded weights and inputs (``tests/golden/README.md``). Here the same seeded weights are
+written as an official-format checkpoint, converted with ``convert_checkpoint`` and run in MONAI axis order; the
+outputs, permuted back to (z, y, x), must match with a relative error below 1e-4 in float32.
 """
 
 import json
@@ -45,7 +45,8 @@ def converted(tmp_path_factory):
         if key not in folders:
             state = seeded_state_dict(official_shapes(**case["shape_kwargs"]), case["weight_seed"])
             fingerprint = GOLDEN["weights"][WEIGHT_KEYS[key]]
-            assert sum(float(t.double().sum()) for t in state.values()) == pytest.approx(fingerprint["sum"], rel=1e-9), \
+            total = sum(float(t.double().sum()) for t in state.values())
+            assert total == pytest.approx(fingerprint["sum"], rel=1e-9), \
                 "seeded weights differ from the golden run: torch's random stream changed, regenerate the goldens"
             root = tmp_path_factory.mktemp(key)
             save_official_checkpoint(root / "official.model", state)

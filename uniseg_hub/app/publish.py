@@ -9,18 +9,26 @@ The repository serves two kinds of users at once:
   and ``LICENSE`` are copied too and the converted folder appears again as ``models/`` (``model.safetensors``,
   ``config.json``), so that
   ``monai.bundle.download(name=..., source="huggingface_hub", repo=ORG/NAME)`` fetches a runnable bundle (the Hub
-  stores the identical file once).
+  stores the identical file once). ``models/model.pt`` holds the same tensors for ``monai.bundle.load``, which
+  reads exactly that file with ``torch.load(weights_only=True)`` (plain tensors, nothing executable; uniseg-hub
+  itself never reads it), and ``large_files.yml`` names the three model files with their sha256 and their URLs
+  at the version's tag, as in a Model Zoo bundle.
 
-The upload is one commit through ``HfApi.create_commit``; its sha becomes the entry's pinned ``revision``.
+The upload is one commit through ``HfApi.create_commit``; its sha becomes the entry's pinned ``revision``, and the
+tag (``v`` + the package version unless chosen) marks it. Tags never move: ``large_files.yml`` points at it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+import yaml
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -46,7 +54,9 @@ from ..weights import (
 from .bundle import bundle_dir as packaged_bundle_dir
 
 BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
-BUNDLE_WEIGHTS = "models/" + WEIGHTS_FILE
+MONAI_STATE_FILE = "model.pt"
+"""The file ``monai.bundle.load`` reads from ``models/`` (with ``torch.load(weights_only=True)``)."""
+LARGE_FILES = [f"models/{name}" for name in (WEIGHTS_FILE, CONFIG_FILE, MONAI_STATE_FILE)]
 OFFICIAL = "uniseg-11task"
 TAGS = ["medical-imaging", "3d", "segmentation", "monai", "uniseg", "ct", "mri", "pet", "safetensors"]
 
@@ -133,8 +143,13 @@ This repository is also a MONAI bundle (`configs/`, `docs/`, `LICENSE`, weights 
 
 ```python
 import monai.bundle
-monai.bundle.download(name="{repo_id.split('/')[1]}", source="huggingface_hub", repo="{repo_id}", bundle_dir="bundles")
+where = dict(name="{repo_id.split('/')[1]}", source="huggingface_hub", repo="{repo_id}", bundle_dir="bundles")
+monai.bundle.download(**where)                              # the latest version tag
+model = monai.bundle.load(**where, workflow_type="inference")  # the universal model with the weights
 ```
+
+`models/model.pt` holds the same tensors as `model.safetensors` for `monai.bundle.load` (plain tensors, read with
+`torch.load(weights_only=True)`); `large_files.yml` lists the model files with their sha256.
 
 See `docs/README.md` for running inference, evaluation and fine-tuning with it.
 """ if with_bundle else "")
@@ -201,8 +216,26 @@ def _refuse_links(folder: Path, parts) -> None:
                                    "regular files from inside the folder: replace the link by the file itself")
 
 
-def _stage(out: Path, folder: Path, bundle: Path | None, card: str) -> list[str]:
-    """Lay the repository out in ``out``; returns its files (relative, sorted)."""
+def _check_tag(tag) -> str:
+    tag = str(tag)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", tag) or re.fullmatch(r"[0-9a-f]{40}", tag) \
+            or tag == "main":
+        raise PublishError(f"--tag {tag!r} is not a usable tag name; use letters, digits, '.', '_' and '-', such as "
+                           f"v{__version__}")
+    return tag
+
+
+def _large_files(out: Path, url: str) -> list[dict]:
+    """The ``large_files.yml`` entries of the staged bundle: each model file with its sha256 and its URL under
+    ``url`` (the repository's files at the tag)."""
+    return [{"path": path, "url": f"{url}/{path}", "hash_val": sha256_file(out / path), "hash_type": "sha256"}
+            for path in LARGE_FILES]
+
+
+def _stage(out: Path, folder: Path, checkpoint: Checkpoint, bundle: Path | None, card: str,
+           url: str) -> tuple[list[str], list[dict]]:
+    """Lay the repository out in ``out``; returns its files (relative, sorted) and its large files (none without
+    a bundle). ``url``: where the files will be, at the tag."""
     _refuse_links(folder, (WEIGHTS_FILE, CONFIG_FILE))
     if bundle is not None:
         _refuse_links(bundle, [part for part in BUNDLE_PARTS if (bundle / part).exists() or
@@ -216,6 +249,7 @@ def _stage(out: Path, folder: Path, bundle: Path | None, card: str) -> list[str]
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         shutil.copyfile(folder / name, out / name)
     (out / "README.md").write_text(card, encoding="utf-8")
+    large_files = []
     if bundle is not None:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".DS_Store")
         for part in BUNDLE_PARTS:
@@ -226,21 +260,22 @@ def _stage(out: Path, folder: Path, bundle: Path | None, card: str) -> list[str]
         (out / "models").mkdir(exist_ok=True)  # the bundle's configs load the converted folder models/
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copyfile(folder / name, out / "models" / name)
-    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+        torch.save(checkpoint.state, out / "models" / MONAI_STATE_FILE)
+        large_files = _large_files(out, url)
+        header = ("# The model files of this bundle, fetched with `python -m monai.bundle download_large_files "
+                  "--bundle_path .`\n# (sha256-checked). Written by `uniseg-hub publish`.\n")
+        (out / "large_files.yml").write_text(header + yaml.safe_dump({"large_files": large_files}, sort_keys=False),
+                                             encoding="utf-8")
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()), large_files
 
 
-def _upload(out: Path, files: list[str], repo_id: str, *, private: bool, token, endpoint, message: str):
-    """One commit that makes the repository's main branch hold exactly ``files``; returns the CommitInfo."""
-    api = HfApi(endpoint=endpoint, token=token, library_name=hub.LIBRARY_NAME, library_version=__version__)
+@contextmanager
+def _hub_errors(api: HfApi, repo_id: str):
+    """The Hub's refusals and network failures during a publish, as one ``PublishError`` that says what to do."""
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        try:
-            stale = set(api.list_repo_files(repo_id)) - set(files) - {".gitattributes"}
-        except (hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError):  # a new, empty repository
-            stale = set()
-        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(out / f)) for f in files]
-        operations += [CommitOperationDelete(path_in_repo=f) for f in sorted(stale)]
-        return api.create_commit(repo_id, operations=operations, commit_message=message), api.endpoint
+        yield
+    except PublishError:
+        raise
     except hf_errors.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         hint = ("log in with `hf auth login` (a token with write access to the organisation) or set HF_TOKEN"
@@ -255,10 +290,37 @@ def _upload(out: Path, files: list[str], repo_id: str, *, private: bool, token, 
                            f"{' '.join(str(e).split())}; check the network, HF_ENDPOINT and the proxy settings") from e
 
 
+def _upload(api: HfApi, out: Path, files: list[str], repo_id: str, tag: str, *, private: bool, message: str):
+    """One commit that makes the repository's main branch hold exactly ``files``, tagged ``tag``; returns the
+    CommitInfo. A tag that already exists is refused before anything is uploaded."""
+    with _hub_errors(api, repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        taken = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).tags}
+        if tag in taken:
+            raise PublishError(
+                f"{repo_id} already has the tag {tag} (commit {taken[tag]}); a published version never changes, "
+                f"so that its large_files.yml hashes stay true: publish with another --tag (such as {tag}-2) or "
+                "with a new uniseg-hub version")
+        try:
+            stale = set(api.list_repo_files(repo_id)) - set(files) - {".gitattributes"}
+        except (hf_errors.RevisionNotFoundError, hf_errors.EntryNotFoundError):  # a new, empty repository
+            stale = set()
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(out / f)) for f in files]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in sorted(stale)]
+        commit = api.create_commit(repo_id, operations=operations, commit_message=message)
+    try:
+        api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=message)
+    except (hf_errors.HfHubHTTPError, OSError) as e:
+        raise PublishError(f"{repo_id} now holds commit {commit.oid}, but tagging it {tag} failed "
+                           f"({' '.join(str(e).split())}); tag it by hand: `hf repos tag create {repo_id} {tag} "
+                           f"--revision {commit.oid}`") from e
+    return commit
+
+
 def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None, description: str | None = None,
             source_url: str | None = None, bundle_dir: str | os.PathLike | None = None, bundle: bool = True,
-            out_dir: str | os.PathLike | None = None, dry_run: bool = False, private: bool = False,
-            token: str | None = None, endpoint: str | None = None, manifest=None) -> dict:
+            tag: str | None = None, out_dir: str | os.PathLike | None = None, dry_run: bool = False,
+            private: bool = False, token: str | None = None, endpoint: str | None = None, manifest=None) -> dict:
     """Turn a converted folder into a Hub repository; returns what was done and the manifest entry to add.
 
     Args:
@@ -269,6 +331,8 @@ def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None,
         description, source_url: the entry's description and ``source.original_url``.
         bundle_dir: the MONAI bundle to include (default: the repository's ``bundle/`` when it exists);
             ``bundle=False`` publishes the model files only.
+        tag: the tag that marks the commit (default ``v`` + the package version); refused when the repository
+            has it already. The bundle's ``large_files.yml`` points at it.
         out_dir: where to build the repository (default: a temporary folder, kept for a dry run).
         dry_run: build the folder and the entry, upload nothing (the entry's revision stays None).
             Otherwise one commit makes the repository hold exactly these files (others are deleted in it).
@@ -276,11 +340,13 @@ def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None,
             endpoint to ``HF_ENDPOINT``).
         manifest: the manifest that lends the entry's details (default as for ``load_model``).
 
-    Returns ``{"repo_id", "folder", "files", "bundle", "commit", "url", "entry"}`` (plus ``large_files_entry`` for
-    the bundle's ``large_files.yml`` after an upload with the bundle); ``entry`` is the ``ManifestEntry`` to add to
-    the manifest (``entry.to_dict()`` is its JSON), pinned to the new commit (``revision`` None after a dry run).
+    Returns ``{"repo_id", "folder", "files", "bundle", "tag", "large_files", "commit", "url", "entry"}``;
+    ``large_files`` are the bundle's ``large_files.yml`` entries (empty without the bundle), for a copy of the
+    bundle elsewhere (the Model Zoo); ``entry`` is the ``ManifestEntry`` to add to the manifest
+    (``entry.to_dict()`` is its JSON), pinned to the new commit (``revision`` None after a dry run).
     """
     repo_id = _check_repo_id(repo_id)
+    tag = _check_tag(tag if tag is not None else f"v{__version__}")
     name = str(name) if name is not None else repo_id.split("/")[1].lower()
     folder = Path(folder).expanduser()
     if not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
@@ -293,23 +359,23 @@ def publish(folder: str | os.PathLike, repo_id: str, *, name: str | None = None,
         raise PublishError(f"{folder} does not load into the architecture its {CONFIG_FILE} describes: {e}") from e
     bundle_folder = _bundle_folder(bundle_dir, bundle)
     entry = _entry(name, description, repo_id, checkpoint, folder / WEIGHTS_FILE, source_url, manifest)
+    api = HfApi(endpoint=endpoint, token=token, library_name=hub.LIBRARY_NAME, library_version=__version__)
     keep = dry_run or out_dir is not None
     out = Path(out_dir).expanduser() if out_dir is not None else Path(tempfile.mkdtemp(prefix="uniseg-hub-publish-"))
     try:
-        files = _stage(out, folder, bundle_folder, model_card(entry, bundle_folder is not None))
+        card = model_card(entry, bundle_folder is not None)
+        files, large_files = _stage(out, folder, checkpoint, bundle_folder, card,
+                                    f"{api.endpoint}/{repo_id}/resolve/{tag}")
         result = {"repo_id": repo_id, "folder": str(out) if keep else None, "files": files,
-                  "bundle": str(bundle_folder) if bundle_folder else None, "commit": None, "url": None,
-                  "entry": entry}
+                  "bundle": str(bundle_folder) if bundle_folder else None, "tag": tag, "large_files": large_files,
+                  "commit": None, "url": None, "entry": entry}
         if dry_run:
             return result
-        commit, endpoint = _upload(out, files, repo_id, private=private, token=token, endpoint=endpoint,
-                                   message=f"Publish {name} ({entry.sha256[:12]}) with uniseg-hub {__version__}")
+        commit = _upload(api, out, files, repo_id, tag, private=private,
+                         message=f"Publish {name} ({entry.sha256[:12]}) with uniseg-hub {__version__}")
     finally:
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
     entry = ManifestEntry.from_dict({**entry.to_dict(), "revision": commit.oid}, "the new manifest entry")
-    result.update(commit=commit.oid, url=f"{endpoint}/{repo_id}/tree/{commit.oid}", entry=entry)
-    if bundle_folder is not None:
-        result["large_files_entry"] = {"path": BUNDLE_WEIGHTS, "url": f"{endpoint}/{repo_id}/resolve/{commit.oid}/"
-                                       f"{WEIGHTS_FILE}", "hash_val": entry.sha256, "hash_type": "sha256"}
+    result.update(commit=commit.oid, url=f"{api.endpoint}/{repo_id}/tree/{commit.oid}", entry=entry)
     return result
