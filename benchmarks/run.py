@@ -31,6 +31,11 @@ What it measures (sections, in this order; ``--sections`` picks some):
   interleaved with UniSeg's (every repeat runs all variants once, in turn);
 * ``tasks``: all eight CT tasks at once (encoder shared) on one patch, against eight single-task patches (with
   ``--full`` also end to end on the real CT, each task as its own bundle run);
+* ``resampling``: the official resampling of a 512x512x300 CT (0.7 mm in-plane, 1 mm slices, and the same with 5
+  mm slices: the anisotropic path) to the liver task's spacing, cubic spline on nnU-Net's grid, and of three
+  probability channels back (order 1): ours (``pipeline.ResampleToSpacingd``, ``InvertToInputd``) against
+  nnU-Net v1's own ``resample_patient`` / ``resample_data_or_seg`` (``pip install --no-deps nnunet==1.7.1``),
+  interleaved, with the largest difference relative to the intensity range;
 * ``e2e``: the bundle's ``inference.json`` on the real 1.5 mm TotalSegmentator torso CT (233x167x191), liver task,
   without and with test-time augmentation, each in a fresh process: total time and its split (weights, load,
   preprocess, network, TTA/softmax, stitching, merge/argmax, resampling back, writing, other) and peak RSS;
@@ -61,7 +66,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # official_format: writes official-format checkpoints (test support)
 
-SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "e2e", "large")
+SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "resampling", "e2e", "large")
 PATCH = (192, 192, 64)
 FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
 
@@ -428,6 +433,67 @@ def large_ct(workdir: Path, source: Path, shape=(512, 512, 300)) -> Path:
     return path
 
 
+def resampling_section(repeats: int) -> list[dict]:
+    """Ours against nnU-Net v1 on a 512x512x300 CT, to the liver spacing and back (see the module docstring)."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose
+
+    from uniseg_hub.app.sample_data import fetch_sample
+    from uniseg_hub.pipeline import InvertToInputd, ResampleToSpacingd
+    from uniseg_hub.pipeline.resampling import lowres_axis
+    from uniseg_hub.tasks import get_task
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        from nnunet.preprocessing.preprocessing import resample_data_or_seg, resample_patient
+    import nibabel as nib
+
+    source = nib.load(fetch_sample("ct"))
+    data = torch.from_numpy(np.asanyarray(source.dataobj).astype(np.float32))[None, None]
+    big = torch.nn.functional.interpolate(data, size=(512, 512, 300), mode="trilinear")[0]
+    target = get_task("liver").spacing
+    results = []
+    for spacing in ((0.7, 0.7, 1.0), (0.7, 0.7, 5.0)):
+        image = MetaTensor(big.clone(), affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
+        pre = Compose([ResampleToSpacingd("image", target)])
+        axis = lowres_axis(spacing, target)
+        times = {"ours_forward": [], "nnunet_forward": [], "ours_back": [], "nnunet_back": []}
+        for _ in range(repeats):
+            start = now()
+            prepared = pre({"image": image})["image"]
+            times["ours_forward"].append(now() - start)
+            start = now()
+            with contextlib.redirect_stdout(io.StringIO()):
+                reference = resample_patient(image.numpy().copy(), None, np.array(spacing), np.array(target), 3, 0,
+                                             force_separate_z=None, order_z_data=0, order_z_seg=0)[0]
+            times["nnunet_forward"].append(now() - start)
+            probabilities = torch.softmax(torch.randn(3, *prepared.shape[1:]), 0)
+            pred = MetaTensor(probabilities, affine=prepared.affine, applied_operations=prepared.applied_operations)
+            start = now()
+            back = InvertToInputd("pred", pre, "image")({"pred": pred, "image": prepared})["pred"]
+            times["ours_back"].append(now() - start)
+            start = now()
+            with contextlib.redirect_stdout(io.StringIO()):
+                expected = resample_data_or_seg(probabilities.numpy(), big.shape[1:], False,
+                                                None if axis is None else [axis], 1, axis is not None, 0)
+            times["nnunet_back"].append(now() - start)
+        scale = float(big.max() - big.min())
+        results.append({
+            "spacing": spacing, "target": target, "shape": list(prepared.shape[1:]), "lowres_axis": axis,
+            **{k: summary(v) for k, v in times.items()},
+            "forward_max_diff_rel": float(np.abs(prepared.numpy() - reference).max() / scale),
+            "back_max_diff": float(np.abs(back.numpy() - expected).max()),
+        })
+        log(f"  {spacing} -> {target}: ours {min(times['ours_forward']):.2f} s / nnU-Net "
+            f"{min(times['nnunet_forward']):.2f} s forward, ours {min(times['ours_back']):.2f} s / nnU-Net "
+            f"{min(times['nnunet_back']):.2f} s back")
+    return results
+
+
 def run_case_in_subprocess(case: dict, threads: int) -> dict:
     """Run one end-to-end case in a fresh interpreter, so that its peak RSS is its own."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
@@ -739,6 +805,9 @@ def main(argv=None) -> int:
         log("all tasks vs one by one, one window ...")
         single = next((r for r in results.get("forward", []) if r["name"].startswith("UniSeg, optimised")), None)
         results["tasks"] = tasks_section(args, single, device)
+    if "resampling" in sections:
+        log("resampling a 512x512x300 CT, ours against nnU-Net v1 ...")
+        results["resampling"] = resampling_section(args.repeats)
     if sections & {"e2e", "large"} or ("tasks" in sections and args.full):
         from uniseg_hub.app.sample_data import fetch_sample
 

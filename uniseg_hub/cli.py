@@ -239,7 +239,8 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
 
 def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model: str = "uniseg-11task",
             device=None, tta: bool = True, overlap: float = 0.5, probabilities: bool = False, preview: bool = True,
-            overwrite: bool = False, progress: bool = True, modality: str = "CT", json: bool = False) -> None:
+            overwrite: bool = False, progress: bool = True, modality: str = "CT", resampling: str = "nnunet",
+            nan: str = "zero", normalization_mask: str = "training", json: bool = False) -> None:
     """Segment a scan for one task or all tasks: label map, PNG preview and label volumes.
 
     INPUT is a NIfTI file, a DICOM series folder, or one file per channel for multi-channel tasks (brats: T1, T1ce,
@@ -260,6 +261,11 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         overwrite: replace existing outputs.
         progress: show a progress bar over the sliding-window patches.
         modality: CT or MR, the group --task all uses for 1-channel input.
+        resampling: nnunet (official: edge-aligned grid, cubic spline, nearest along the slice axis of anisotropic
+            scans) or monai (MONAI's Spacingd, trilinear; a deviation).
+        nan: zero (official: NaN voxels count as 0, with a warning) or refuse (an error).
+        normalization_mask: training (BraTS z-scored over non-zero voxels, as the weights were trained) or none
+            (over the whole image, as the official predict.py does).
         json: print the result as JSON.
     """
     from .app.predict import predict as run
@@ -268,7 +274,7 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
     quiet()
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                  probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
-                 modality=modality)
+                 modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask)
     emit(result.as_dict(), json, _describe(result))
 
 

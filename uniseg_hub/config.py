@@ -572,6 +572,8 @@ class PredictOptions:
         tta, probabilities, preview, overwrite, progress: switches (``parse_bool``).
         overlap: the sliding windows' overlap, in [0, 1). sw_batch_size: windows per network call, 1 or more.
         modality: ``CT`` or ``MR``, the group ``task="all"`` takes for 1-channel input.
+        resampling, nan, normalization_mask: the official behaviour by default, deviations on request
+            (``RESAMPLING``, ``NAN_POLICIES``, ``NORMALIZATION_MASKS``).
     """
 
     task: str = "liver"
@@ -586,6 +588,9 @@ class PredictOptions:
     progress: bool = True
     modality: str = "CT"
     sw_batch_size: int = 1
+    resampling: str = "nnunet"
+    nan: str = "zero"
+    normalization_mask: str = "training"
 
     def __post_init__(self):
         import os
@@ -607,9 +612,31 @@ class PredictOptions:
             raise ConfigError(f"modality must be CT or MR (the task group --task all uses for 1-channel input), got "
                               f"{self.modality!r}")
         values["modality"] = modality
+        values["resampling"] = choice(self.resampling, "resampling", RESAMPLING)
+        values["nan"] = choice(self.nan, "nan", NAN_POLICIES)
+        values["normalization_mask"] = choice(self.normalization_mask, "normalization_mask", NORMALIZATION_MASKS)
         values["device"] = None if self.device is None else _device(self.device)
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+
+RESAMPLING = ("nnunet", "monai")
+"""``nnunet``: the official grid and cubic spline (``pipeline.ResampleToSpacingd``); ``monai``: MONAI's
+``Spacingd``, trilinear on a centre-aligned grid of the exact target spacing (a deviation)."""
+NAN_POLICIES = ("zero", "refuse")
+"""``zero``: NaN voxels become 0 with a warning that counts them, as the official preprocessing does; ``refuse``:
+one error."""
+NORMALIZATION_MASKS = ("training", "none")
+"""BraTS z-scoring: ``training`` over the non-zero voxels, as the weights were trained; ``none`` over the whole
+image, as the official ``predict.py`` does (it disables the masks)."""
+
+
+def choice(value, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` as one of ``choices`` (case and surrounding blanks ignored), or a ``ConfigError`` listing them."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return text
 
 
 def _overlap(value) -> float:

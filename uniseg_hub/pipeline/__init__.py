@@ -4,7 +4,8 @@ inferer and evaluator (the one inference pipeline: ``uniseg_hub.app.predict`` dr
 * ``cases``: what to segment (datalists, nnU-Net channel naming), with which tasks, case and output names;
 * ``transforms``: input checks, the official normalisation, the all-tasks merge, a fast argmax;
 * ``predictor``: the network as the sliding-window inferer sees it (softmax, mirroring, all-tasks mode);
-* ``resampling``: back to the input grid; ``nifti_io``: fast NIfTI reading and atomic writing.
+* ``resampling``: to the task's spacing and back to the input grid, as nnU-Net v1 does;
+* ``nifti_io``: fast NIfTI reading and atomic writing.
 """
 
 from .cases import (
@@ -19,15 +20,17 @@ from .cases import (
 )
 from .nifti_io import AtomicNibabelWriter, NiftiReader
 from .predictor import TaskPredictor
-from .resampling import InvertToInputd
+from .resampling import InvertToInputd, ResampleToSpacingd
 from .transforms import (
     ArgMaxd,
     CheckImaged,
     CheckInputFilesd,
     MergeTasksd,
     NormalizeTaskd,
+    ZeroNaNd,
 )
 
 __all__ = ["IMAGE_SUFFIXES", "MERGED_CLASSES", "case_name", "count_channels", "datalist", "image_reader",
            "resolve_tasks", "task_spacing", "AtomicNibabelWriter", "NiftiReader", "TaskPredictor", "InvertToInputd",
-           "ArgMaxd", "CheckImaged", "CheckInputFilesd", "MergeTasksd", "NormalizeTaskd"]
+           "ResampleToSpacingd", "ArgMaxd", "CheckImaged", "CheckInputFilesd", "MergeTasksd", "NormalizeTaskd",
+           "ZeroNaNd"]

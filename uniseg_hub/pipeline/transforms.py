@@ -1,6 +1,7 @@
 """The transforms of UniSeg inference that MONAI does not have; ``inference.json`` wires them with MONAI's.
 
 * ``CheckInputFilesd`` / ``CheckImaged``: one clear error for each kind of bad input, before any output exists;
+* ``ZeroNaNd``: NaN voxels to 0, counted, as the official preprocessing does;
 * ``NormalizeTaskd``: per-channel normalisation from the task table (AutoPET mixes a CT window and a PET z-score);
 * ``MergeTasksd``: the official all-tasks label map (per task argmax, later tasks overwrite earlier ones);
 * ``ArgMaxd``: ``AsDiscreted(argmax=True)`` without PyTorch's slow outer-dimension CPU argmax.
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from monai.config import KeysCollection
 from monai.data import FolderLayoutBase, MetaTensor
 from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
 
-from ..config import parse_bool
+from ..config import NAN_POLICIES, NORMALIZATION_MASKS, choice, parse_bool
 from ..errors import InputError
 from ..tasks import CT_WINDOW, HEAD_CHANNELS, Task, get_task
 from .cases import check_dicom_folder, describe_file
@@ -70,11 +72,16 @@ class CheckInputFilesd(MapTransform):
 
 
 class CheckImaged(MapTransform):
-    """Check a loaded, channel-first image: 3-D, the expected channel count, not empty, finite."""
+    """Check a loaded, channel-first image: 3-D, the expected channel count, not empty, no infinity.
 
-    def __init__(self, keys: KeysCollection, channels: int, allow_missing_keys: bool = False):
+    ``nan``: ``"zero"`` lets NaN voxels through for ``ZeroNaNd`` (the official preprocessing sets them to 0);
+    ``"refuse"`` makes them an error too.
+    """
+
+    def __init__(self, keys: KeysCollection, channels: int, nan: str = "zero", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.channels = channels
+        self.nan = choice(nan, "nan", NAN_POLICIES)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -89,11 +96,33 @@ class CheckImaged(MapTransform):
             values = torch.as_tensor(image)
             low, high = torch.aminmax(values) if values.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             if not (torch.isfinite(low) and torch.isfinite(high)):  # one pass; NaN and infinity propagate
-                bad = int((~torch.isfinite(values)).sum())
-                raise InputError(f"{name} has {bad} non-finite voxel(s) (NaN or infinity); replace them before "
-                                 "segmenting")
+                infinite, nan = int(torch.isinf(values).sum()), int(torch.isnan(values).sum())
+                if infinite or self.nan == "refuse":
+                    what = f"{infinite} infinite" if infinite else f"{nan} NaN"
+                    raise InputError(f"{name} has {what} voxel(s); replace them before segmenting"
+                                     + ("" if infinite else " (or let them count as 0, as the official "
+                                        "preprocessing does: nan=zero)"))
+                finite = values[~torch.isnan(values)]
+                low, high = torch.aminmax(finite) if finite.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             if low == 0 and high == 0:
                 raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
+        return d
+
+
+class ZeroNaNd(MapTransform):
+    """NaN voxels to 0, with one warning that counts them, after the crop and before the resampling: where the
+    official preprocessing (nnU-Net v1's ``resample_and_normalize``) does it, so the crop sees them as non-zero."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            nan = torch.isnan(torch.as_tensor(d[key]))
+            count = int(nan.sum())
+            if count:
+                name = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                warnings.warn(f"{name}: {count} NaN voxel(s) set to 0, as the official preprocessing does",
+                              stacklevel=2)
+                d[key] = d[key].masked_fill(nan, 0.0)
         return d
 
 
@@ -101,21 +130,26 @@ class NormalizeTaskd(MapTransform):
     """The official intensity normalisation of a task, channel by channel (``uniseg_hub.tasks``).
 
     ``ct_window``: clip to [-325, 325] HU and scale to [0, 1]; ``zscore``: per-image (x - mean) / std, over the
-    non-zero voxels only (zero outside) for tasks with ``nonzero_mask`` (BraTS).
+    non-zero voxels only (zero outside) for tasks with ``nonzero_mask`` (BraTS) when ``mask`` is ``"training"``
+    (as the weights were trained), over the whole image when it is ``"none"`` (as the official ``predict.py``
+    does, which disables the masks).
     """
 
-    def __init__(self, keys: KeysCollection, task: int | str | Task, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, task: int | str | Task, mask: str = "training",
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.task = get_task(task)
         low, high = CT_WINDOW
         self.window = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-        self.zscore = NormalizeIntensity(nonzero=self.task.nonzero_mask, channel_wise=True)
+        nonzero = self.task.nonzero_mask and choice(mask, "normalization_mask", NORMALIZATION_MASKS) == "training"
+        self.zscore = NormalizeIntensity(nonzero=nonzero, channel_wise=True)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            channels = [self.window(c[None]) if scheme == "ct_window" else self.zscore(c[None])
+            # NormalizeIntensity writes into its input: give it a copy, the caller's image stays as it was
+            channels = [self.window(c[None]) if scheme == "ct_window" else self.zscore(c[None].clone())
                         for c, scheme in zip(image, self.task.normalization)]
             out = torch.cat([torch.as_tensor(c, dtype=torch.float32) for c in channels], 0)
             d[key] = _like(image, out)
