@@ -44,9 +44,11 @@ logger = logging.getLogger(__name__)
 
 
 def resolve(src, *, pretrained: bool = True, revision=None, cache_dir=None, local_files_only: bool = False,
-            weights_path=None, manifest=None) -> tuple[UniSegConfig, dict, dict | None, str]:
+            force_download: bool = False, token=None, weights_path=None,
+            manifest=None) -> tuple[UniSegConfig, dict, dict | None, str]:
     """What ``src`` names, read once: (architecture, pretrained_cfg, state dict or None when not ``pretrained``,
     a label for messages). ``pretrained_cfg`` is the manifest entry or the folder's config.json.
+    ``force_download`` and ``token`` apply to downloads only (as in huggingface_hub).
 
     ``src``, in this order: an existing file or folder (it wins over a manifest name, as in ``transformers`` and
     ``timm``); a manifest name; a Hub repository ``ORG/NAME`` or ``ORG/NAME@REVISION`` (``hub.download_repo``);
@@ -72,7 +74,8 @@ def resolve(src, *, pretrained: bool = True, revision=None, cache_dir=None, loca
         if pinned is not None and revision is not None and pinned != revision:
             raise UnisegHubError(f"{src} names revision {pinned} but revision={revision!r} was passed; give one")
         folder = hub.download_repo(repo_id, pinned or revision, cache_dir=cache_dir,
-                                   local_files_only=local_files_only, weights=pretrained)
+                                   local_files_only=local_files_only, weights=pretrained, force=force_download,
+                                   token=token)
         checkpoint = read_folder(folder, tensors=pretrained)
         info = {**checkpoint.document, "repo_id": repo_id, "revision": folder.name,
                 "weights": str(folder / WEIGHTS_FILE)}
@@ -95,7 +98,8 @@ def resolve(src, *, pretrained: bool = True, revision=None, cache_dir=None, loca
                                 f"{entry.sha256}: it is another checkpoint; load it by its folder instead",
                                 path=file, expected=entry.sha256, actual=digest)
     else:
-        file = download(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, manifest=m)
+        file = download(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                        force=force_download, manifest=m, token=token)
     return config, {**info, "weights": str(file)}, read_safetensors(file)[1], f"{src} ({file})"
 
 
@@ -113,16 +117,21 @@ def _finish(model: nn.Module, report: LoadReport, info: Mapping, device) -> nn.M
 
 def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretrained: bool = True,
                revision: str | None = None, cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+               force_download: bool = False, token: str | bool | None = None,
                weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                deep_supervision: bool = True, manifest=None) -> nn.Module:
     """The network ``src`` describes in eval mode, or the downstream backbone for ``num_classes`` classes.
 
     Args:
-        src: a manifest name (``list_models()``) or a local checkpoint folder / ``.safetensors`` file.
+        src: a manifest name (``list_models()``), a local checkpoint folder / ``.safetensors`` file, or a Hub
+            repository ``ORG/NAME[@REVISION]``.
         num_classes: build the downstream backbone with fresh ``num_classes``-class heads (the paper's transfer,
             ``uniseg_hub.transfer.to_backbone``).
-        pretrained: False builds the architecture with random weights and downloads nothing.
-        revision, cache_dir, local_files_only: passed to ``uniseg_hub.download`` for manifest names.
+        pretrained: False builds the architecture with random weights and downloads no weights.
+        revision, cache_dir, local_files_only: passed to ``uniseg_hub.download`` for manifest names and to
+            huggingface_hub for Hub repositories.
+        force_download, token: download again even if cached; the Hub token (default ``HF_TOKEN`` or the one
+            ``hf auth login`` stored), as huggingface_hub takes them.
         weights_path: a local copy of the manifest model's file (checked against its sha256), for machines that
             receive files out of band.
         device: where the model goes.
@@ -134,8 +143,8 @@ def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretra
     preprocessing, license, source).
     """
     config, info, state, label = resolve(src, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
-                                         local_files_only=local_files_only, weights_path=weights_path,
-                                         manifest=manifest)
+                                         local_files_only=local_files_only, force_download=force_download,
+                                         token=token, weights_path=weights_path, manifest=manifest)
     if num_classes is None or (config.architecture == "UniSegBackbone" and config.num_classes == num_classes):
         model = build_network(config, uninitialised=state is not None)  # a strict load overwrites every tensor
         model.decoder.deep_supervision = deep_supervision
@@ -153,6 +162,7 @@ def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretra
 def load_encoder(src: str | os.PathLike, *, in_channels: int = 1, pretrained: bool = True,
                  out_indices: Sequence[int] | None = None, revision: str | None = None,
                  cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                 force_download: bool = False, token: str | bool | None = None,
                  weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                  manifest=None) -> UniSegEncoder:
     """The pretrained six-stage encoder of ``src`` with a stem for ``in_channels``, in eval mode.
@@ -164,8 +174,8 @@ def load_encoder(src: str | os.PathLike, *, in_channels: int = 1, pretrained: bo
     """
     check_in_channels(in_channels)
     config, info, state, label = resolve(src, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
-                                         local_files_only=local_files_only, weights_path=weights_path,
-                                         manifest=manifest)
+                                         local_files_only=local_files_only, force_download=force_download,
+                                         token=token, weights_path=weights_path, manifest=manifest)
     if state is None:
         encoder = UniSegEncoder((in_channels,), config.features, config.kernel_sizes, config.strides,
                                 out_indices=out_indices)
