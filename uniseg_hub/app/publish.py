@@ -48,7 +48,6 @@ from .bundle import bundle_dir as packaged_bundle_dir
 BUNDLE_PARTS = ("configs", "docs", "scripts", "LICENSE")
 BUNDLE_WEIGHTS = "models/" + WEIGHTS_FILE
 OFFICIAL = "uniseg-11task"
-TAGS = ["medical-imaging", "3d", "segmentation", "monai", "uniseg", "ct", "mri", "pet", "safetensors"]
 
 
 def _check_repo_id(repo_id) -> str:
@@ -124,7 +123,7 @@ def model_card(entry: ManifestEntry, with_bundle: bool) -> str:
     """README.md of the repository: YAML front matter for the Hub, then how to use, licence and provenance."""
     license_ = entry.license
     data = ModelCardData(license="other", license_name="uniseg-non-commercial", license_link=license_.url,
-                         library_name="uniseg-hub", tags=TAGS, pipeline_tag="image-segmentation")
+                         library_name=hub.LIBRARY_NAME, tags=list(hub.MODEL_TAGS), pipeline_tag=hub.PIPELINE_TAG)
     name, repo_id, source = entry.name, entry.repo_id, entry.source
     bundle = (f"""
 ## MONAI bundle
