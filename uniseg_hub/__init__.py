@@ -1,7 +1,8 @@
 """uniseg-hub: the UniSeg universal 3D segmentation model (arXiv 2304.03493) for MONAI and the Hugging Face Hub.
 
-    from uniseg_hub import load_encoder
+    from uniseg_hub import UniSeg, load_encoder
     encoder = load_encoder("path/to/converted", in_channels=1)   # or a model name from list_models()
+    model = UniSeg.from_pretrained("ORG/NAME")                   # a Hub repository; save_pretrained, push_to_hub
 
 Attributes are imported on first use, so ``uniseg-hub list`` and friends start without importing torch.
 """
@@ -33,7 +34,7 @@ from .errors import (  # noqa: E402
 )
 
 _LAZY = {
-    "UniSeg": "networks", "UniSegBackbone": "networks", "UniSegEncoder": "networks",
+    "UniSeg": "pretrained", "UniSegBackbone": "pretrained", "UniSegEncoder": "networks",
     "UniSegConfig": "config", "ManifestEntry": "config",
     "load_encoder": "pretrained", "load_model": "pretrained",
     "convert_checkpoint": "weights",
@@ -45,8 +46,8 @@ if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
     from .app.publish import publish  # noqa: F401
     from .config import ManifestEntry, UniSegConfig  # noqa: F401
     from .hub import list_models, load_manifest, model_info  # noqa: F401
-    from .networks import UniSeg, UniSegBackbone, UniSegEncoder  # noqa: F401
-    from .pretrained import load_encoder, load_model  # noqa: F401
+    from .networks import UniSegEncoder  # noqa: F401
+    from .pretrained import UniSeg, UniSegBackbone, load_encoder, load_model  # noqa: F401
     from .upstream import download, verify  # noqa: F401
     from .weights import convert_checkpoint  # noqa: F401
 

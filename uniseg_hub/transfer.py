@@ -75,15 +75,17 @@ def stem_tensors(state: Mapping[str, torch.Tensor], native: Sequence[int],
 
 def to_backbone(state: Mapping[str, torch.Tensor], config: UniSegConfig, num_classes: int, *,
                 in_channels: int | None = None, encoder_only: bool = False, deep_supervision: bool = True,
-                source: str = "checkpoint") -> tuple[UniSegBackbone, LoadReport]:
+                source: str = "checkpoint",
+                backbone: type[UniSegBackbone] = UniSegBackbone) -> tuple[UniSegBackbone, LoadReport]:
     """The downstream backbone with fresh ``num_classes``-class heads, initialised from ``state`` (of ``config``).
 
     ``in_channels``: one stem for that channel count (native or adapted) instead of all native stems;
     ``encoder_only``: move the encoder only and keep the decoder freshly initialised. Everything not moved is listed
-    in the report's ``skipped``, and every tensor changed on the way in its ``adapted``.
+    in the report's ``skipped``, and every tensor changed on the way in its ``adapted``. ``backbone``: the class to
+    build, ``UniSegBackbone`` or a subclass (the Hub-aware ``uniseg_hub.UniSegBackbone``).
     """
     stems = config.in_channels if in_channels is None else (check_in_channels(in_channels),)
-    model = UniSegBackbone(config=config.backbone(num_classes, stems), deep_supervision=deep_supervision)
+    model = backbone(config=config.backbone(num_classes, stems), deep_supervision=deep_supervision)
     moved = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.")) and
              not k.startswith((STEM, "decoder.heads."))}
     adapted = {}

@@ -55,13 +55,14 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def download(name: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-             local_files_only: bool = False, force: bool = False, manifest=None) -> Path:
+             local_files_only: bool = False, force: bool = False, manifest=None,
+             token: str | bool | None = None) -> Path:
     """The verified local weights file of the manifest model ``name``: its Hub copy when published
     (``hub.download``), else its ``upstream`` checkpoint fetched, verified and converted on first use.
 
-    Arguments as for ``hub.download``; ``revision`` applies to Hub copies only. A converted copy that no longer
-    matches its record raises ``ChecksumError`` (``force=True`` converts afresh); a fetched file that is not the
-    model raises ``UpstreamFileError`` and is deleted; network failures raise ``DownloadError`` (a broken transfer
+    Arguments as for ``hub.download``; ``revision`` and ``token`` apply to Hub copies only. A converted copy that no
+    longer matches its record raises ``ChecksumError`` (``force=True`` converts afresh); a fetched file that is not
+    the model raises ``UpstreamFileError`` and is deleted; network failures raise ``DownloadError`` (a broken transfer
     ``IncompleteDownloadError``: run again to resume); offline without a converted copy
     ``NotAvailableOfflineError``.
     """
@@ -69,7 +70,7 @@ def download(name: str, revision: str | None = None, cache_dir: str | os.PathLik
     entry = m.entry(str(name))
     if entry.published or entry.upstream is None or revision is not None:
         return hub.download(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                            force=force, manifest=m)
+                            force=force, manifest=m, token=token)
     folder = cache_root(cache_dir) / entry.name
     offline = hub.offline_reason(local_files_only)
     if force and offline:

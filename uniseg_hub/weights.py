@@ -142,13 +142,16 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> UniSegConfig:
         raise IncompatibleCheckpointError(f"the checkpoint's tensor shapes describe no valid UniSeg: {e}") from e
 
 
-def build_network(config: UniSegConfig, *, uninitialised: bool = False) -> nn.Module:
+def build_network(config: UniSegConfig, *, uninitialised: bool = False, network: type[nn.Module] | None = None) \
+        -> nn.Module:
     """Instantiate the network ``config`` describes (random weights).
 
     ``uninitialised``: skip the random initialisation and leave the tensors' memory as allocated, for a caller that
     overwrites every tensor next (a strict load of a complete checkpoint); it makes loading ~20x faster.
+    ``network``: the class to build, a subclass of ``ARCHITECTURES[config.architecture]`` (default that class), such
+    as the Hub-aware ``uniseg_hub.UniSeg``.
     """
-    network = ARCHITECTURES[config.architecture]
+    network = network or ARCHITECTURES[config.architecture]
     if not uninitialised:
         return network(config=config)
     with torch.device("meta"):

@@ -58,7 +58,6 @@ MONAI_STATE_FILE = "model.pt"
 """The file ``monai.bundle.load`` reads from ``models/`` (with ``torch.load(weights_only=True)``)."""
 LARGE_FILES = [f"models/{name}" for name in (WEIGHTS_FILE, CONFIG_FILE, MONAI_STATE_FILE)]
 OFFICIAL = "uniseg-11task"
-TAGS = ["medical-imaging", "3d", "segmentation", "monai", "uniseg", "ct", "mri", "pet", "safetensors"]
 
 
 def _check_repo_id(repo_id) -> str:
@@ -134,7 +133,7 @@ def model_card(entry: ManifestEntry, with_bundle: bool) -> str:
     """README.md of the repository: YAML front matter for the Hub, then how to use, licence and provenance."""
     license_ = entry.license
     data = ModelCardData(license="other", license_name="uniseg-non-commercial", license_link=license_.url,
-                         library_name="uniseg-hub", tags=TAGS, pipeline_tag="image-segmentation")
+                         library_name=hub.LIBRARY_NAME, tags=list(hub.MODEL_TAGS), pipeline_tag=hub.PIPELINE_TAG)
     name, repo_id, source = entry.name, entry.repo_id, entry.source
     bundle = (f"""
 ## MONAI bundle

@@ -19,6 +19,8 @@ from .manifest import (
     LIBRARY_NAME,
     MANIFEST_ENV,
     MANIFEST_FILE,
+    MODEL_TAGS,
+    PIPELINE_TAG,
     Manifest,
     list_models,
     load_manifest,
@@ -30,6 +32,6 @@ from .manifest import (
 )
 
 __all__ = ["cache_folder", "cache_lock", "cache_status", "download", "download_repo", "offline_reason",
-           "parse_repo_id", "verify", "LIBRARY_NAME",
+           "parse_repo_id", "verify", "LIBRARY_NAME", "MODEL_TAGS", "PIPELINE_TAG",
            "MANIFEST_ENV", "MANIFEST_FILE", "License", "Manifest", "ManifestEntry", "list_models", "load_manifest",
            "manifest_entry", "model_info", "official_preprocessing", "packaged_manifest", "parse_manifest"]

@@ -58,6 +58,7 @@ class _Target:
     revision: str
     cache_dir: Path
     local_files_only: bool
+    token: str | bool | None = None
 
     @property
     def name(self) -> str:
@@ -112,11 +113,11 @@ def cache_lock(lock: Path):
         yield
 
 
-def _target(name, revision, cache_dir, local_files_only, manifest) -> _Target:
+def _target(name, revision, cache_dir, local_files_only, manifest, token=None) -> _Target:
     m = load_manifest(manifest)
     entry = m.published_entry(str(name))
     revision = entry.revision if revision is None else str(revision)
-    return _Target(m, entry, revision, cache_folder(cache_dir), bool(local_files_only))
+    return _Target(m, entry, revision, cache_folder(cache_dir), bool(local_files_only), token)
 
 
 def _caused_by(error: BaseException, *classes: type) -> bool:
@@ -162,7 +163,7 @@ def _fetch(t: _Target, force: bool) -> Path:
     try:
         return Path(hf_hub_download(
             t.repo_id, t.filename, revision=t.revision, cache_dir=t.cache_dir, local_files_only=t.local_files_only,
-            force_download=force, endpoint=t.manifest.endpoint, library_name=LIBRARY_NAME,
+            force_download=force, token=t.token, endpoint=t.manifest.endpoint, library_name=LIBRARY_NAME,
             library_version=__version__,
         ))
     except (OSError, ValueError, hf_errors.EntryNotFoundError, _TRANSPORT_ERROR) as e:
@@ -231,7 +232,8 @@ def _check(t: _Target, path: Path) -> tuple[str | None, str | None]:
 
 
 def download(name: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-             local_files_only: bool = False, force: bool = False, manifest=None) -> Path:
+             local_files_only: bool = False, force: bool = False, manifest=None,
+             token: str | bool | None = None) -> Path:
     """The verified local file of the manifest model ``name``, downloaded from the Hub if it is not cached.
 
     Args:
@@ -242,13 +244,15 @@ def download(name: str, revision: str | None = None, cache_dir: str | os.PathLik
         local_files_only: never use the network (like ``HF_HUB_OFFLINE=1``).
         force: download again even if cached.
         manifest: another manifest (path, dict or ``Manifest``) than ``UNISEG_HUB_MANIFEST`` or the shipped one.
+        token: the Hub token (default: ``HF_TOKEN`` or the one stored by ``hf auth login``), as huggingface_hub
+            takes it.
 
     A wrong size or sha256 removes the file from the cache and fetches it once more; ``ChecksumError`` if it is
     still wrong (or if there is no network to fetch it again). Unknown names raise ``UnknownModelError``, entries
     without a Hub copy ``NotPublishedError``, a missing file offline ``NotAvailableOfflineError``, other Hub and
     network failures ``DownloadError``; each keeps huggingface_hub's exception as its cause.
     """
-    t = _target(name, revision, cache_dir, local_files_only, manifest)
+    t = _target(name, revision, cache_dir, local_files_only, manifest, token)
     if force and t.offline_reason:
         raise NotAvailableOfflineError(f"force=True downloads {t.name} again, but downloads are off "
                                        f"({t.offline_reason}); allow downloads or drop force")
@@ -302,10 +306,12 @@ def parse_repo_id(src: str) -> tuple[str, str | None] | None:
 
 
 def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                  local_files_only: bool = False, weights: bool = True) -> Path:
+                  local_files_only: bool = False, weights: bool = True, force: bool = False,
+                  token: str | bool | None = None) -> Path:
     """The snapshot folder holding ``config.json`` (and ``model.safetensors`` when ``weights``) of a Hub repository
     named directly, as ``transformers`` and ``timm`` take ``ORG/NAME``: fetched with ``hf_hub_download`` into the
-    huggingface_hub cache (a cached revision needs no request), ``revision`` a commit, branch or tag (default main).
+    huggingface_hub cache (a cached revision needs no request), ``revision`` a commit, branch or tag (default main);
+    ``force`` downloads again even if cached, ``token`` as for ``download``.
 
     Nothing pins such a repository's content (a manifest entry does); the commit it resolved to is in the folder's
     path. Errors name the repository and the fix: ``DownloadError`` (no such repository, revision or file, refused,
@@ -314,11 +320,14 @@ def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os
     offline = offline_reason(local_files_only)
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT  # read now, as offline is
     label = f"{repo_id}@{revision}" if revision else repo_id
+    if force and offline:
+        raise NotAvailableOfflineError(f"force=True downloads {label} again, but downloads are off ({offline}); "
+                                       "allow downloads or drop force")
     try:
         for filename in REPO_FILES[: 2 if weights else 1]:
             path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                        local_files_only=offline is not None, endpoint=endpoint,
-                                        library_name=LIBRARY_NAME, library_version=__version__))
+                                        local_files_only=offline is not None, force_download=force, token=token,
+                                        endpoint=endpoint, library_name=LIBRARY_NAME, library_version=__version__))
     except (OSError, ValueError, hf_errors.EntryNotFoundError, _TRANSPORT_ERROR) as e:
         if _caused_by(e, hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
             raise DownloadError(f"no repository {repo_id} on {endpoint} that this account can read: check the id "

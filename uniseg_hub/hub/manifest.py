@@ -29,7 +29,10 @@ MANIFEST_FILE = "weights_manifest.json"
 MANIFEST_ENV = "UNISEG_HUB_MANIFEST"
 SCHEMA_VERSION = 1
 LIBRARY_NAME = "uniseg-hub"
-"""The library name huggingface_hub puts in the user agent of downloads and uploads."""
+"""The library name huggingface_hub puts in the user agent of downloads and uploads, and in model cards."""
+MODEL_TAGS = ("medical-imaging", "3d", "segmentation", "monai", "uniseg", "ct", "mri", "pet", "safetensors")
+PIPELINE_TAG = "image-segmentation"
+"""The tags and the pipeline of a uniseg-hub model card (the one ``publish`` writes, the one ``push_to_hub`` writes)."""
 
 _URL = re.compile(r"https?://\S+")
 

@@ -10,8 +10,7 @@ from torch import nn
 
 from ..config import UniSegConfig
 from ..errors import IncompatibleCheckpointError, TrainingError
-from ..networks import UniSegBackbone
-from ..pretrained import load_model, resolve
+from ..pretrained import UniSegBackbone, load_model, resolve
 from ..transfer import to_backbone
 from ..weights import LoadReport
 from .distributed import log_main
@@ -21,7 +20,7 @@ TRANSFERS = ("backbone", "encoder", "none")
 
 def build_network(num_classes: int, pretrained: str | os.PathLike | None = None, transfer: str = "backbone",
                   in_channels: int = 1, architecture: Mapping | None = None) -> UniSegBackbone:
-    """The downstream network (``UniSegBackbone`` with deep supervision) initialised by ``transfer``.
+    """The downstream network (the Hub-aware ``UniSegBackbone`` with deep supervision) initialised by ``transfer``.
 
     * ``backbone``: the paper's transfer (``uniseg_hub.transfer.to_backbone``): encoder and decoder of the universal
       model (97 of the 115 official tensors), prompt and heads dropped, fresh heads. Inputs with 1, 2 or 4 channels
@@ -53,7 +52,7 @@ def build_network(num_classes: int, pretrained: str | os.PathLike | None = None,
         config, _, state, label = resolve(pretrained)
         stem = None if in_channels in config.in_channels else in_channels
         model, report = to_backbone(state, config, num_classes, in_channels=stem,
-                                    encoder_only=transfer == "encoder", source=label)
+                                    encoder_only=transfer == "encoder", source=label, backbone=UniSegBackbone)
     for channels, conv in model.encoder.stages[0][0].convs.items():
         conv.requires_grad_(int(channels) == in_channels)
     model.load_report = report
