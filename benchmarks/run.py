@@ -160,8 +160,9 @@ def import_times(repeats: int = 3) -> dict:
 
 def full_size_checkpoint(workdir: Path) -> tuple[Path, Path]:
     """(official-format .model file, converted folder) of the full-size model with seeded weights, cached."""
-    from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
     from uniseg_hub.weights import convert_checkpoint
+
+    from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
 
     official = workdir / "official" / "model_final_checkpoint.model"
     converted = workdir / "uniseg-11task-seeded"
@@ -569,9 +570,8 @@ def run_case(case: dict) -> dict:
 
     timers: dict = defaultdict(float)
     if case.get("unoptimised"):  # the pipeline before the optimisations (benchmarks/NOTES.md)
-        from monai.transforms import AsDiscreted
-
         from monai.data import NibabelWriter
+        from monai.transforms import AsDiscreted
 
         from uniseg_hub import pipeline as inference
         from uniseg_hub.pipeline import nifti_io, predictor, resampling

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
 
 from uniseg_hub.weights import convert_checkpoint
+
+from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
 
 pytest_plugins = ["fakehub"]  # the fake Hugging Face Hub: fake_hub, hf_isolated, small_release
 

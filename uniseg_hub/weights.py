@@ -1,4 +1,5 @@
-"""Checkpoints: safe reading of official nnU-Net v1 files, conversion to MONAI form, safetensors folders, strict loading.
+"""Checkpoints: safe reading of official nnU-Net v1 files, conversion to MONAI form, safetensors folders, strict
+loading.
 
 A converted folder holds ``model.safetensors`` (tensors in MONAI axis order, metadata naming the architecture and the
 source file's sha256) and ``config.json`` (the same architecture, readable without torch). Official checkpoints are
@@ -122,7 +123,8 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> UniSegConfig:
     first_convs = [_require(state, f"conv_blocks_context.0.blocks.0.conv_{stems[0]}.weight")]
     for s in range(1, num_stages):
         key = f"conv_blocks_context.{s}.blocks.0.conv.weight"
-        first_convs.append(state[key] if key in state else _require(state, f"conv_blocks_context.{s}.0.blocks.0.conv.weight"))
+        nested = f"conv_blocks_context.{s}.0.blocks.0.conv.weight"
+        first_convs.append(state[key] if key in state else _require(state, nested))
     features = [int(w.shape[0]) for w in first_convs]
     kernel_sizes = [list(w.shape[2:][::-1]) for w in first_convs]
     strides = [[1, 1, 1]] + [list(_require(state, f"tu.{num_stages - 1 - s}.weight").shape[2:][::-1])

@@ -11,11 +11,12 @@ from dicom_series import write_series
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from matplotlib import image as mpimg
-from scans import crop, sample
 
 from uniseg_hub import cli
 from uniseg_hub.app.report import PREVIEW_SIZE
 from uniseg_hub.tasks import get_task, merged_label_names, tasks_in_group
+
+from scans import crop, sample
 
 
 def uniseg(*args, env=None):

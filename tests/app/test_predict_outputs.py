@@ -7,7 +7,6 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from scans import crop, sample
 
 from uniseg_hub.app import predict as predict_module
 from uniseg_hub.app import report
@@ -15,6 +14,8 @@ from uniseg_hub.app.predict import predict, unwrap_error
 from uniseg_hub.config import PredictOptions
 from uniseg_hub.errors import ConfigError, InputError, UnisegHubError
 from uniseg_hub.pipeline import NormalizeTaskd
+
+from scans import crop, sample
 
 
 @pytest.fixture(scope="module")

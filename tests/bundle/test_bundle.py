@@ -17,12 +17,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from monai.bundle import run as bundle_run
-from scans import crop, sample
 
 from uniseg_hub.errors import UnisegHubError
 from uniseg_hub.pipeline import MergeTasksd, TaskPredictor
 from uniseg_hub.tasks import get_task, tasks_in_group
 from uniseg_hub.training.evaluation import SegmentationReport
+
+from scans import crop, sample
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundle"

@@ -14,7 +14,6 @@ import pytest
 import torch
 from huggingface_hub import constants, scan_cache_dir
 from huggingface_hub import errors as hf_errors
-from official_format import official_shapes
 
 from uniseg_hub import (
     ChecksumError,
@@ -39,6 +38,8 @@ from uniseg_hub.files import format_json, sha256_file
 from uniseg_hub.hub import manifest_entry
 from uniseg_hub.tasks import get_task
 from uniseg_hub.weights import ARCHITECTURES, infer_architecture, read_folder
+
+from official_format import official_shapes
 
 pytest.register_assert_rewrite("fakehub")  # imported here before pytest loads it as a plugin
 

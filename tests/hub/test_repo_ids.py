@@ -1,17 +1,19 @@
 """Hub repository ids wherever a model name or folder works (``ORG/NAME``, ``ORG/NAME@REVISION``), and a local
 folder winning over a manifest name: against the fake Hub on 127.0.0.1, through the real huggingface_hub client."""
 
+import hashlib
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import constants
 
-from uniseg_hub import DownloadError, NotAvailableOfflineError, UnisegHubError, load_encoder, load_model
+from uniseg_hub import ChecksumError, DownloadError, NotAvailableOfflineError, UnisegHubError, load_encoder, load_model
 from uniseg_hub.hub import parse_repo_id
 from uniseg_hub.weights import read_folder
 
-pytest.register_assert_rewrite("fakehub")
+from fakehub import Fault
 
 REPO = "test-org/uniseg-small"
 
@@ -57,6 +59,31 @@ def test_a_hub_repository_loads_by_its_id_and_then_offline(hub_repo, fake_hub, c
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert equal_states(load_model(f"{REPO}@{first}").state_dict(), expected)  # a cached commit: no request
     assert fake_hub.requests() == []
+
+
+def test_the_weights_of_a_repository_are_checked_against_the_hubs_sha256_on_every_load(hub_repo, fake_hub,
+                                                                                       converted_small):
+    first, _ = hub_repo
+    expected = read_folder(converted_small).state
+    load_model(f"{REPO}@{first}")
+    blob = next(p for p in (hf_isolated_cache() / "blobs").iterdir() if len(p.name) == 64)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the cache corrupted afterwards, same size
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="force_download=True"):
+        load_model(f"{REPO}@{first}")
+    assert equal_states(load_model(f"{REPO}@{first}", force_download=True).state_dict(), expected)
+    fake_hub.faults[hashlib.sha256((converted_small / "model.safetensors").read_bytes()).hexdigest()] = \
+        Fault("corrupt")  # a transfer corrupted on the way, same size
+    with pytest.raises(ChecksumError, match="but the Hub gave"):
+        load_model(f"{REPO}@{first}", force_download=True)
+
+
+def hf_isolated_cache():
+    from huggingface_hub import constants as hub_constants
+
+    return Path(hub_constants.HF_HUB_CACHE) / f"models--{REPO.replace('/', '--')}"
 
 
 def test_repository_errors_name_the_repository_and_the_fix(hub_repo, fake_hub, monkeypatch):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import constants
-from official_format import save_official_checkpoint
 
 from uniseg_hub import (
     ChecksumError,
@@ -37,6 +36,8 @@ from uniseg_hub import (
 from uniseg_hub.errors import IncompleteDownloadError
 from uniseg_hub.files import sha256_file
 from uniseg_hub.weights import read_folder
+
+from official_format import save_official_checkpoint
 
 pytest.register_assert_rewrite("fakehub")
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from uniseg_hub import convert_checkpoint, load_model
+
 from official_format import (
     official_shapes,
     sample_indices,
@@ -18,8 +21,6 @@ from official_format import (
     seeded_input,
     seeded_state_dict,
 )
-
-from uniseg_hub import convert_checkpoint, load_model
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "official_golden.json").read_text())
 CASES = {c["name"]: c for c in GOLDEN["cases"]}

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 from conftest import SMALL, SMALL_PATCH
-from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
 from safetensors import safe_open
 
 from uniseg_hub import (
@@ -23,6 +22,8 @@ from uniseg_hub import (
     load_model,
 )
 from uniseg_hub.weights import official_key, read_official_checkpoint, sha256_file
+
+from official_format import official_shapes, save_official_checkpoint, seeded_state_dict
 
 PAPER_DROPPED = {"intermedia_prompt", *(f"seg_outputs.{u}.weight" for u in range(5))} | {
     f"fusion_layer.blocks.{i}.{m}.{p}" for i in range(3) for m in ("conv", "instnorm") for p in ("weight", "bias")

@@ -314,8 +314,9 @@ def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os
     ``force`` downloads again even if cached, ``token`` as for ``download``.
 
     Nothing pins such a repository's content (a manifest entry does); the commit it resolved to is in the folder's
-    path. Errors name the repository and the fix: ``DownloadError`` (no such repository, revision or file, refused,
-    network), ``NotAvailableOfflineError`` (offline and not cached).
+    path, and the weights are checked against the sha256 the Hub gave for them (``ChecksumError``). Errors name
+    the repository and the fix: ``DownloadError`` (no such repository, revision or file, refused, network),
+    ``NotAvailableOfflineError`` (offline and not cached).
     """
     offline = offline_reason(local_files_only)
     endpoint = os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT  # read now, as offline is
@@ -345,8 +346,24 @@ def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os
                 from e
         raise DownloadError(f"could not fetch {label} from {endpoint}: {_one_line(e.__cause__ or e)}; check the "
                             "network, HF_ENDPOINT and the proxy settings (HTTPS_PROXY, NO_PROXY)") from e
+    if weights:
+        _check_blob(path, label)
     logger.info("%s: not pinned by the manifest; loaded the repository at commit %s", label, path.parent.name)
     return path.parent
+
+
+def _check_blob(path: Path, label: str) -> None:
+    """The weights of a repository named directly, checked against the sha256 the Hub gave for them: for a file
+    stored with Git LFS the cache names the blob after it (``blobs/<sha256>``), so a transfer or a cache corrupted
+    afterwards is caught on every load without a request."""
+    blob = Path(os.path.realpath(path))
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return  # not a Git LFS blob of the huggingface_hub cache: nothing to check against
+    digest = sha256_file(blob)
+    if digest != blob.name:
+        raise ChecksumError(f"{label}: the cached {path.name} has sha256 {digest}, but the Hub gave {blob.name}; "
+                            "fetch a fresh copy: load it with force_download=True",
+                            path=blob, expected=blob.name, actual=digest)
 
 
 def verify(name: str, cache_dir: str | os.PathLike | None = None, manifest=None) -> Path:
