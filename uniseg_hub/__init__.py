@@ -39,10 +39,11 @@ _LAZY = {
     "load_encoder": "pretrained", "load_model": "pretrained",
     "convert_checkpoint": "weights",
     "download": "upstream", "verify": "upstream", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
-    "publish": "app.publish",
+    "publish": "app.publish", "preprocess": "app.preprocess", "postprocess": "app.preprocess",
 }
 
 if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
+    from .app.preprocess import postprocess, preprocess  # noqa: F401
     from .app.publish import publish  # noqa: F401
     from .config import ManifestEntry, UniSegConfig  # noqa: F401
     from .hub import list_models, load_manifest, model_info  # noqa: F401

@@ -224,6 +224,9 @@ def bad_inputs(data, folder: Path):
     nan = array.copy()
     nan[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(nan, source.affine), folder / "nan.nii.gz")
+    infinite = array.copy()
+    infinite[3, 3, 3] = np.inf
+    nib.save(nib.Nifti1Image(infinite, source.affine), folder / "inf.nii.gz")
     nib.save(nib.Nifti1Image(array[:, :, 5], source.affine), folder / "flat.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros_like(array), source.affine), folder / "zeros.nii.gz")
     (folder / "garbage.nii.gz").write_bytes(b"this is not an image")
@@ -234,7 +237,8 @@ def bad_inputs(data, folder: Path):
     return {
         "wrong channel count": (dict(input=[ct, ct], task="liver"), "takes 1 channel"),
         "2-D image": (dict(input=str(folder / "flat.nii.gz"), task="liver"), "3-D volumes"),
-        "non-finite voxels": (dict(input=str(folder / "nan.nii.gz"), task="liver"), "non-finite"),
+        "NaN voxels refused": (dict(input=str(folder / "nan.nii.gz"), task="liver", nan="refuse"), "1 NaN voxel"),
+        "infinite voxels": (dict(input=str(folder / "inf.nii.gz"), task="liver"), "1 infinite voxel"),
         "empty image": (dict(input=str(folder / "zeros.nii.gz"), task="liver"), "is empty"),
         "unknown task": (dict(input=ct, task="livr"), "unknown task 'livr'"),
         "unreadable file": (dict(input=str(folder / "garbage.nii.gz"), task="liver"), "cannot read"),
@@ -255,6 +259,14 @@ def test_bad_inputs_get_one_clear_error_and_leave_no_output(converted_small, dat
         assert cause is not None, f"{name}: {chain(err.value)}"
         assert message in str(cause), f"{name}: {cause}"
         assert not out.exists() or not any(out.iterdir()), f"{name}: output left behind"
+
+
+@pytest.mark.slow
+def test_nan_voxels_are_segmented_as_zero_with_a_warning_by_default(converted_small, data, tmp_path):
+    bad_inputs(data, tmp_path)
+    with pytest.warns(UserWarning, match="1 NaN voxel\\(s\\) set to 0, as the official preprocessing does"):
+        run_bundle(converted_small, tmp_path / "out", tta=False, input=str(tmp_path / "nan.nii.gz"), task="liver")
+    assert (tmp_path / "out" / "nan_liver.nii.gz").is_file()
 
 
 def test_dice_by_hand():

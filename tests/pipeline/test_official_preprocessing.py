@@ -171,3 +171,35 @@ def test_brats_z_scoring_uses_the_training_mask_by_default_and_the_predict_py_on
     assert float(whole[0][~inside].max()) < 0  # zeros are z-scored with the rest
     with pytest.raises(ConfigError, match="normalization_mask must be one of training, none"):
         NormalizeTaskd("image", "brats", mask="brain")
+
+
+@pytest.mark.parametrize("spacing", [(0.8, 0.8, 5.0), (1.0, 1.0, 1.0)])
+def test_preprocess_is_the_official_chain_and_postprocess_goes_back(spacing, tmp_path):
+    """``uniseg_hub.preprocess`` (the bundle's own transforms) against nnU-Net v1's crop to the non-zero box, its
+    resampling and UniSeg's CT window ((clip(x, -325, 325) + 325) / 650, DoDNetPreprocessor); from a file and
+    from a MetaTensor alike. ``postprocess`` brings a prediction back onto the file's grid."""
+    from nnunet.preprocessing.cropping import crop_to_nonzero
+
+    from uniseg_hub import postprocess, preprocess
+    from uniseg_hub.tasks import get_task
+
+    image = padded(scan("ct_small", spacing))
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(image[0].numpy(), image.affine.numpy()), path)
+    ours = preprocess(path, "liver")
+    cropped, _, _ = crop_to_nonzero(image.numpy().copy(), None)
+    resampled = official(MetaTensor(torch.from_numpy(cropped)), spacing, get_task("liver").spacing)
+    expected = (np.clip(resampled, -325, 325) + 325) / 650
+    assert tuple(ours.shape) == expected.shape and np.abs(ours.numpy() - expected).max() < 1e-4
+    from_tensor = preprocess(MetaTensor(image.clone(), affine=image.affine), "liver")
+    assert torch.equal(from_tensor.as_tensor(), ours.as_tensor())
+
+    back = postprocess(torch.stack([ours[0], 1 - ours[0]]), ours)
+    assert tuple(back.shape) == (2, *image.shape[1:])
+    assert np.allclose(back.affine.numpy(), image.affine.numpy())
+    margin = back.as_tensor()[0]
+    assert float(margin[:5].abs().max()) == 0 == float(margin[:, :, -1].abs().max())  # cropped away: stays 0
+    with pytest.raises(InputError, match="no affine"):
+        preprocess(image.as_tensor(), "liver")
+    with pytest.raises(InputError, match="grid"):
+        postprocess(torch.zeros(2, 3, 3, 3), ours)

@@ -109,10 +109,8 @@ def resample_like_nnunet(data: torch.Tensor, out_shape: Sequence[int], axis: int
     out_shape = tuple(int(m) for m in out_shape)
     if in_shape == out_shape:
         return data
-    matrices = [torch.eye(n, dtype=torch.float64) if (a == axis or n == m) else spline_matrix(n, m, order)
+    matrices = [None if (a == axis or n == m) else spline_matrix(n, m, order)
                 for a, (n, m) in enumerate(zip(in_shape, out_shape))]
-    if axis is not None:
-        matrices[axis] = torch.eye(in_shape[axis], dtype=torch.float64)
     out = resample_separable(data, matrices)
     reduce = tuple(a + 1 for a in range(3) if a != axis) if axis is not None else (1, 2, 3)
     low, high = data.amin(dim=reduce, keepdim=True), data.amax(dim=reduce, keepdim=True)
@@ -217,13 +215,20 @@ def interpolation_matrix(scale: float, offset: float, out_size: int, in_size: in
 
 
 def resample_separable(data: torch.Tensor, matrices) -> torch.Tensor:
-    """Apply one (out, in) matrix per spatial axis to (C, X, Y, Z) data: three float32 matrix products."""
+    """Apply one (out, in) matrix per spatial axis to (C, X, Y, Z) data: up to three float32 matrix products (an
+    axis whose matrix is None is left as it is)."""
     channels, x, y, z = data.shape
-    wx, wy, wz = (m.to(torch.float32) for m in matrices)
-    out = torch.matmul(wx, data.reshape(channels, x, y * z))  # (C, X', Y*Z)
-    out = torch.matmul(wy, out.reshape(channels * wx.shape[0], y, z))  # (C*X', Y', Z)
-    out = torch.matmul(out.reshape(-1, z), wz.t())  # (C*X'*Y', Z')
-    return out.reshape(channels, wx.shape[0], wy.shape[0], wz.shape[0])
+    wx, wy, wz = (None if m is None else m.to(torch.float32) for m in matrices)
+    out = data
+    if wx is not None:
+        out = torch.matmul(wx, out.reshape(channels, x, y * z)).reshape(channels, -1, y, z)  # (C, X', Y, Z)
+    x = out.shape[1]
+    if wy is not None:
+        out = torch.matmul(wy, out.reshape(channels * x, y, z)).reshape(channels, x, -1, z)  # (C, X', Y', Z)
+    y = out.shape[2]
+    if wz is not None:
+        out = torch.matmul(out.reshape(-1, z), wz.t()).reshape(channels, x, y, -1)  # (C, X', Y', Z')
+    return out
 
 
 def _separable_plan(image: MetaTensor):
