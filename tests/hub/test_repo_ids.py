@@ -2,6 +2,7 @@
 folder winning over a manifest name: against the fake Hub on 127.0.0.1, through the real huggingface_hub client."""
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def test_the_weights_of_a_repository_are_checked_against_the_hubs_sha256_on_ever
     first, _ = hub_repo
     expected = read_folder(converted_small).state
     load_model(f"{REPO}@{first}")
-    blob = next(p for p in (hf_isolated_cache() / "blobs").iterdir() if len(p.name) == 64)
+    weights_sha256 = hashlib.sha256((converted_small / "model.safetensors").read_bytes()).hexdigest()
+    blob = hf_isolated_cache() / "blobs" / weights_sha256  # the weights, not config.json (also stored by sha256)
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF  # the cache corrupted afterwards, same size
     blob.chmod(0o644)
@@ -74,10 +76,19 @@ def test_the_weights_of_a_repository_are_checked_against_the_hubs_sha256_on_ever
     with pytest.raises(ChecksumError, match="force_download=True"):
         load_model(f"{REPO}@{first}")
     assert equal_states(load_model(f"{REPO}@{first}", force_download=True).state_dict(), expected)
-    fake_hub.faults[hashlib.sha256((converted_small / "model.safetensors").read_bytes()).hexdigest()] = \
-        Fault("corrupt")  # a transfer corrupted on the way, same size
+    config = Path(os.path.realpath(snapshot_file(first, "config.json")))
+    config.chmod(0o644)
+    config.write_bytes(config.read_bytes().replace(b"head_channels", b"head_chan\xffels"))
+    with pytest.raises(ChecksumError, match="cached config.json has"):
+        load_model(f"{REPO}@{first}")
+    load_model(f"{REPO}@{first}", force_download=True)
+    fake_hub.faults[weights_sha256] = Fault("corrupt")  # a transfer corrupted on the way, same size
     with pytest.raises(ChecksumError, match="but the Hub gave"):
         load_model(f"{REPO}@{first}", force_download=True)
+
+
+def snapshot_file(commit: str, filename: str) -> Path:
+    return hf_isolated_cache() / "snapshots" / commit / filename
 
 
 def hf_isolated_cache():

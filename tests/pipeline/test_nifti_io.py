@@ -68,3 +68,30 @@ def test_writer_equals_monais_nibabel_writer_and_leaves_no_partial_file(real_ct,
     with pytest.raises(OSError, match="disk full"):
         writer.write(tmp_path / "broken.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.nii.gz", "theirs.nii.gz"]
+
+
+def damaged_copies(path: str, folder) -> dict:
+    """The real .nii.gz with its gzip trailer's CRC wrong, cut short by a few bytes, and cut in half."""
+    data = bytearray(open(path, "rb").read())
+    crc = bytearray(data)
+    crc[-8] ^= 0xFF
+    files = {"wrong CRC": bytes(crc), "trailer cut off": bytes(data[:-6]), "cut in half": bytes(data[:len(data) // 2])}
+    out = {}
+    for name, content in files.items():
+        target = folder / f"{name.replace(' ', '_')}.nii.gz"
+        target.write_bytes(content)
+        out[name] = target
+    return out
+
+
+def test_a_damaged_gzip_is_refused_with_one_clear_error(real_ct, tmp_path):
+    from uniseg_hub.errors import InputError
+
+    for name, path in damaged_copies(real_ct[0], tmp_path).items():
+        assert nib.load(path).shape == nib.load(real_ct[0]).shape  # the header still reads: only the voxels are bad
+        with pytest.raises(Exception) as caught:
+            LoadImage(reader=NiftiReader, image_only=True)(str(path))
+        error = caught.value
+        while error is not None and not isinstance(error, InputError):
+            error = error.__cause__ or error.__context__
+        assert error is not None and "is a damaged gzip file" in str(error), (name, caught.value)

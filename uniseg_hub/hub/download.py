@@ -12,6 +12,7 @@ it again until the file changes; ``verify`` always hashes. Nothing here imports 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -324,11 +325,13 @@ def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os
     if force and offline:
         raise NotAvailableOfflineError(f"force=True downloads {label} again, but downloads are off ({offline}); "
                                        "allow downloads or drop force")
+    paths = []
     try:
         for filename in REPO_FILES[: 2 if weights else 1]:
-            path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                        local_files_only=offline is not None, force_download=force, token=token,
-                                        endpoint=endpoint, library_name=LIBRARY_NAME, library_version=__version__))
+            paths.append(Path(hf_hub_download(
+                repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline is not None,
+                force_download=force, token=token, endpoint=endpoint, library_name=LIBRARY_NAME,
+                library_version=__version__)))
     except (OSError, ValueError, hf_errors.EntryNotFoundError, _TRANSPORT_ERROR) as e:
         if _caused_by(e, hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError):
             raise DownloadError(f"no repository {repo_id} on {endpoint} that this account can read: check the id "
@@ -346,22 +349,27 @@ def download_repo(repo_id: str, revision: str | None = None, cache_dir: str | os
                 from e
         raise DownloadError(f"could not fetch {label} from {endpoint}: {_one_line(e.__cause__ or e)}; check the "
                             "network, HF_ENDPOINT and the proxy settings (HTTPS_PROXY, NO_PROXY)") from e
-    if weights:
+    for path in paths:
         _check_blob(path, label)
     logger.info("%s: not pinned by the manifest; loaded the repository at commit %s", label, path.parent.name)
     return path.parent
 
 
 def _check_blob(path: Path, label: str) -> None:
-    """The weights of a repository named directly, checked against the sha256 the Hub gave for them: for a file
-    stored with Git LFS the cache names the blob after it (``blobs/<sha256>``), so a transfer or a cache corrupted
-    afterwards is caught on every load without a request."""
+    """A file of a repository named directly, checked against the hash the Hub gave for it: the huggingface_hub
+    cache names each blob after it (``blobs/<sha256>`` for a Git LFS file such as the weights, ``blobs/<git blob
+    sha1>`` for a small file such as config.json), so a transfer or a cache corrupted afterwards is caught on every
+    load without a request."""
     blob = Path(os.path.realpath(path))
-    if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
-        return  # not a Git LFS blob of the huggingface_hub cache: nothing to check against
-    digest = sha256_file(blob)
+    if re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        algorithm, digest = "sha256", sha256_file(blob)
+    elif re.fullmatch(r"[0-9a-f]{40}", blob.name):
+        data = blob.read_bytes()  # small files only: Git LFS holds anything large
+        algorithm, digest = "git blob sha1", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    else:
+        return  # not a blob of the huggingface_hub cache: nothing to check against
     if digest != blob.name:
-        raise ChecksumError(f"{label}: the cached {path.name} has sha256 {digest}, but the Hub gave {blob.name}; "
+        raise ChecksumError(f"{label}: the cached {path.name} has {algorithm} {digest}, but the Hub gave {blob.name}; "
                             "fetch a fresh copy: load it with force_download=True",
                             path=blob, expected=blob.name, actual=digest)
 
