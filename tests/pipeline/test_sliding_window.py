@@ -3,14 +3,20 @@ unchanged apart from passing the task id): window positions, Gaussian importance
 prediction (softmax, 8-flip mirroring, weighting, padding) on a small seeded UniSeg."""
 
 import itertools
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
+from monai.bundle import run as bundle_run
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 
 from uniseg_hub import load_model
+from uniseg_hub.app.predict import bundle_overrides
+from uniseg_hub.config import PredictOptions
 from uniseg_hub.errors import ConfigError
 from uniseg_hub.pipeline import TaskPredictor
 from uniseg_hub.pipeline.sliding_window import NnUNetSlidingWindowInferer, importance_map, window_starts
@@ -134,3 +140,56 @@ def test_one_window_is_not_weighted_and_the_count_matches(small_model):
     out = inferer(x, lambda w: seen.append(tuple(w.shape)) or torch.cat([w, 2 * w], 1))
     assert seen == [(2, 1, 64, 64, 32)]  # 40 padded to 64, 70 -> 2 windows, 32 -> 1; one call (batch of 3)
     torch.testing.assert_close(out, torch.cat([x, 2 * x], 1), rtol=1e-6, atol=1e-6)  # identity net: weights cancel
+
+
+ROOT = Path(__file__).resolve().parents[2]
+INFERENCE = ROOT / "bundle" / "configs" / "inference.json"
+
+
+def bundle_parser(weights, **overrides):
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE))
+    parser.update({"bundle_root": str(ROOT / "bundle"), "weights": str(weights), **overrides})
+    return parser
+
+
+def test_the_bundle_and_predict_take_the_window_option(converted_small):
+    default = bundle_parser(converted_small).get_parsed_content("inferer")
+    assert isinstance(default, NnUNetSlidingWindowInferer) and default.overlap == 0.5
+    assert default.roi_size == (64, 64, 32)
+    monai = bundle_parser(converted_small, window="MONAI", overlap=0.25).get_parsed_content("inferer")
+    assert type(monai) is SlidingWindowInferer and monai.overlap == 0.25
+    with pytest.raises(RuntimeError) as err:  # MONAI's parser wraps what the expression raised
+        bundle_parser(converted_small, window="gaussian").get_parsed_content("inferer")
+    assert isinstance(err.value.__cause__, ConfigError) and "window must be one of nnunet, monai" in str(
+        err.value.__cause__)
+    assert PredictOptions().window == "nnunet" and PredictOptions(window=" Monai ").window == "monai"
+    with pytest.raises(ConfigError, match="window"):
+        PredictOptions(window="nnunet2")
+    assert bundle_overrides(PredictOptions(window="monai"), ["a.nii.gz"])["window"] == "monai"
+
+
+@pytest.mark.slow
+def test_the_bundle_runs_with_either_window_and_they_differ(converted_small, tmp_path):
+    """Through ``monai.bundle run``: both windows segment an image of 2 x 2 x 3 windows (liver spacing, no
+    resampling); the nnunet window's probabilities equal our inferer's on the preprocessed image, MONAI's differ."""
+    hu = np.random.default_rng(2).uniform(-300, 300, size=(80, 70, 55)).astype(np.float32)
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 3.0, 1.0])), path)
+    probabilities = {}
+    for window in ("nnunet", "monai"):
+        bundle_run(config_file=str(INFERENCE), bundle_root=str(ROOT / "bundle"), weights=str(converted_small),
+                   input=str(path), task="liver", tta=False, save_probabilities=True, window=window,
+                   output_dir=str(tmp_path / window))
+        labels = nib.load(tmp_path / window / "case_liver.nii.gz")
+        assert labels.shape == hu.shape
+        probabilities[window] = np.asanyarray(nib.load(tmp_path / window / "case_liver_probabilities.nii.gz").dataobj)
+    assert probabilities["nnunet"].shape[:3] == hu.shape
+    assert np.abs(probabilities["nnunet"] - probabilities["monai"]).max() > 1e-4
+    parser = bundle_parser(converted_small, input=str(path), task="liver", tta=False)
+    image = parser.get_parsed_content("preprocessing")({"image": str(path)})["image"]
+    assert tuple(image.shape[1:]) == hu.shape  # the grid is the task's: no resampling, so no interpolation below
+    with torch.no_grad():
+        ours = NnUNetSlidingWindowInferer((64, 64, 32))(image[None], parser.get_parsed_content("predictor"))
+    np.testing.assert_allclose(np.moveaxis(probabilities["nnunet"].reshape(*hu.shape, -1), -1, 0), ours[0].numpy(),
+                               rtol=0, atol=1e-5)

@@ -29,6 +29,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import SpatialPad
 from monai.utils import convert_to_dst_type, optional_import
 
+from ..config import parse_bool
 from ..errors import ConfigError
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
@@ -189,7 +190,7 @@ class NnUNetSlidingWindowInferer(Inferer):
         window_starts(self.roi_size, self.roi_size, self.overlap)  # checks the overlap now
         self.sigma_scale = float(sigma_scale)
         self.cval = float(cval)
-        self.progress = bool(progress)
+        self.progress = parse_bool(progress, "progress")
         self.device = device
 
     def count(self, spatial_shape: Sequence[int]) -> int:
