@@ -3,6 +3,8 @@ unchanged apart from passing the task id): window positions, Gaussian importance
 prediction (softmax, 8-flip mirroring, weighting, padding) on a small seeded UniSeg."""
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -132,7 +134,7 @@ def test_tiled_prediction_equals_nnunet_within_1e5(small_model, shape, tta):
 
 
 def test_one_window_is_not_weighted_and_the_count_matches(small_model):
-    inferer = NnUNetSlidingWindowInferer(small_model.patch_size, sw_batch_size=3)
+    inferer = NnUNetSlidingWindowInferer(small_model.patch_size, sw_batch_size=3, progress="true")
     assert inferer.count(small_model.patch_size) == 1 and inferer.count((40, 10, 5)) == 1
     assert inferer.count((90, 70, 45)) == 8 and inferer.count((96, 64, 32)) == 2
     seen = []
@@ -193,3 +195,12 @@ def test_the_bundle_runs_with_either_window_and_they_differ(converted_small, tmp
         ours = NnUNetSlidingWindowInferer((64, 64, 32))(image[None], parser.get_parsed_content("predictor"))
     np.testing.assert_allclose(np.moveaxis(probabilities["nnunet"].reshape(*hu.shape, -1), -1, 0), ours[0].numpy(),
                                rtol=0, atol=1e-5)
+
+
+def test_the_command_line_takes_window_and_refuses_a_wrong_one_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "uniseg_hub", "predict", str(tmp_path / "scan.nii.gz"), "--window",
+                             "gaussian", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "window must be one of nnunet, monai" in lines[0]
+    assert not (tmp_path / "out").exists()
