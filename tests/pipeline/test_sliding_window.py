@@ -19,9 +19,15 @@ from monai.inferers import SlidingWindowInferer
 from uniseg_hub import load_model
 from uniseg_hub.app.predict import bundle_overrides
 from uniseg_hub.config import PredictOptions
-from uniseg_hub.errors import ConfigError
+from uniseg_hub.errors import ConfigError, InputShapeError
 from uniseg_hub.pipeline import TaskPredictor
-from uniseg_hub.pipeline.sliding_window import NnUNetSlidingWindowInferer, importance_map, window_starts
+from uniseg_hub.pipeline.sliding_window import (
+    NnUNetSlidingWindowInferer,
+    NnUNetSplitter,
+    WeightedMerger,
+    importance_map,
+    window_starts,
+)
 from uniseg_hub.tasks import get_task
 
 neural_network = pytest.importorskip("nnunet.network_architecture.neural_network")
@@ -204,3 +210,15 @@ def test_the_command_line_takes_window_and_refuses_a_wrong_one_in_one_line(tmp_p
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "window must be one of nnunet, monai" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_wrong_inputs_are_typed_errors():
+    inferer = NnUNetSlidingWindowInferer((8, 8, 8))
+    with pytest.raises(InputShapeError, match="spatial axes"):
+        inferer(torch.zeros(1, 1, 8, 8), lambda x: x)
+    with pytest.raises(InputShapeError, match="smaller than the patch"):
+        list(NnUNetSplitter((8, 8, 8))(torch.zeros(1, 1, 8, 4, 8)))
+    with pytest.raises(InputShapeError):
+        window_starts((8, 8), (8, 8, 8))
+    with pytest.raises(ConfigError, match="importance map"):
+        WeightedMerger((1, 1, 8, 8, 8))

@@ -30,7 +30,7 @@ from monai.transforms import SpatialPad
 from monai.utils import convert_to_dst_type, optional_import
 
 from ..config import parse_bool
-from ..errors import ConfigError
+from ..errors import ConfigError, InputShapeError
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -47,7 +47,7 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap:
     0.5 (nnU-Net's ``step_size`` 0.5) is the official setting; the windows then overlap by at least half a patch.
     """
     if len(image_size) != len(patch_size):
-        raise ConfigError(f"image size {tuple(image_size)} and patch size {tuple(patch_size)} differ in dimensions")
+        raise InputShapeError(f"image size {tuple(image_size)} and patch size {tuple(patch_size)} differ in dimensions")
     if not 0 <= overlap < 1:
         raise ConfigError(f"overlap must be a number from 0 up to (not including) 1, got {overlap!r}")
     step = 1 - overlap
@@ -118,7 +118,8 @@ class NnUNetSplitter(Splitter):
     def __call__(self, inputs: Any) -> Iterator[tuple[torch.Tensor, Sequence[int]]]:
         spatial = self.get_input_shape(inputs)
         if any(s < p for s, p in zip(spatial, self.patch_size)):
-            raise ValueError(f"the image {spatial} must be padded to the patch {self.patch_size} first")
+            raise InputShapeError(f"the image {spatial} is smaller than the patch {self.patch_size}; pad it to the "
+                                  f"patch first (NnUNetSlidingWindowInferer does)")
         locations = self.locations(spatial)
         if self.progress and has_tqdm:
             locations = tqdm(locations)
@@ -140,7 +141,7 @@ class WeightedMerger(Merger):
     def __init__(self, merged_shape: Sequence[int], cropped_shape: Sequence[int] | None = None,
                  weights: torch.Tensor | None = None, device: torch.device | str | None = None):
         if weights is None:
-            raise ValueError("WeightedMerger needs the importance map (weights)")
+            raise ConfigError("WeightedMerger needs the importance map: pass weights=importance_map(patch_size)")
         super().__init__(merged_shape=merged_shape, cropped_shape=cropped_shape,
                          device=device if device is not None else weights.device)
         self.weights = weights.to(self.device, torch.float32)
@@ -149,7 +150,7 @@ class WeightedMerger(Merger):
 
     def aggregate(self, values: torch.Tensor, location: Sequence[int]) -> None:
         if self.is_finalized:
-            raise ValueError("WeightedMerger is already finalized")
+            raise ConfigError("this WeightedMerger is already finalized; make a new one for another image")
         region = tuple(slice(s, s + n) for s, n in zip(location, values.shape[2:]))
         self.values[(slice(None), slice(None), *region)] += values.to(self.device, torch.float32) * self.weights
         self.total[(slice(None), slice(None), *region)] += self.weights
@@ -204,8 +205,8 @@ class NnUNetSlidingWindowInferer(Inferer):
         x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         spatial = tuple(x.shape[2:])
         if len(spatial) != len(self.roi_size):
-            raise ValueError(f"the input {tuple(x.shape)} must be (B, C, *spatial) with {len(self.roi_size)} "
-                             f"spatial axes for the patch {self.roi_size}")
+            raise InputShapeError(f"the input {tuple(x.shape)} must be (B, C, *spatial) with {len(self.roi_size)} "
+                                  f"spatial axes for the patch {self.roi_size}")
         # centred padding, nnU-Net's ``pad_nd_image``: MONAI's symmetric SpatialPad computes the same widths
         widths = SpatialPad(self.roi_size, method="symmetric").compute_pad_width(spatial)[1:]
         if any(w for pair in widths for w in pair):
