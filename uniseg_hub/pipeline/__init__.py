@@ -3,7 +3,8 @@ inferer and evaluator (the one inference pipeline: ``uniseg_hub.app.predict`` dr
 
 * ``cases``: what to segment (datalists, nnU-Net channel naming), with which tasks, case and output names;
 * ``transforms``: input checks, the official normalisation, the all-tasks merge, a fast argmax;
-* ``predictor``: the network as the sliding-window inferer sees it (softmax, mirroring, all-tasks mode);
+* ``predictor``: the network as the sliding-window inferer sees it (softmax, mirroring, all-tasks mode), for the
+  universal model (``TaskPredictor``) and a fine-tuned backbone (``BackbonePredictor``), one mirroring code;
 * ``resampling``: to the task's spacing and back to the input grid, as nnU-Net v1 does;
 * ``nifti_io``: fast NIfTI reading and atomic writing.
 """
@@ -19,7 +20,7 @@ from .cases import (
     task_spacing,
 )
 from .nifti_io import AtomicNibabelWriter, NiftiReader
-from .predictor import TaskPredictor
+from .predictor import BackbonePredictor, MirroredPredictor, TaskPredictor
 from .resampling import InvertToInputd, ResampleToSpacingd
 from .transforms import (
     ArgMaxd,
@@ -31,6 +32,7 @@ from .transforms import (
 )
 
 __all__ = ["IMAGE_SUFFIXES", "MERGED_CLASSES", "case_name", "count_channels", "datalist", "image_reader",
-           "resolve_tasks", "task_spacing", "AtomicNibabelWriter", "NiftiReader", "TaskPredictor", "InvertToInputd",
+           "resolve_tasks", "task_spacing", "AtomicNibabelWriter", "NiftiReader", "TaskPredictor",
+           "MirroredPredictor", "BackbonePredictor", "InvertToInputd",
            "ResampleToSpacingd", "ArgMaxd", "CheckImaged", "CheckInputFilesd", "MergeTasksd", "NormalizeTaskd",
            "ZeroNaNd"]

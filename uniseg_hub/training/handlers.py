@@ -275,14 +275,16 @@ class TrainingCheckpoint:
             "best_metric_epoch": int(self.validator.state.best_metric_epoch) if self.validator is not None else -1,
             "history": getattr(engine.state, "history", None) or {},
         }
-        self._write_folder(self.last_dir, {"epoch": engine.state.epoch, "iteration": engine.state.iteration}, state)
+        self._write_folder(self.last_dir, {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
+                                           "max_epochs": engine.state.max_epochs}, state)
 
     def save_best(self, evaluator: Engine) -> None:
         state = evaluator.state
         if state.best_metric_epoch != state.epoch or not is_main_process():
             return
-        self._write_folder(self.best_dir, {"epoch": state.epoch, state.key_metric_name: float(state.best_metric)},
-                           None)
+        self._write_folder(self.best_dir, {"epoch": state.epoch, state.key_metric_name: float(state.best_metric),
+                                           "selected_by": f"{state.key_metric_name} on the validation split carved "
+                                                          "from the training cases"}, None)
         log_main(f"epoch {state.epoch}: new best {state.key_metric_name} {state.best_metric:.4f} -> {self.best_dir}")
 
     def load(self, engine: Engine) -> None:
@@ -331,9 +333,15 @@ class TrainingCheckpoint:
                f", best metric {state['best_metric']:.4f} at epoch {state['best_metric_epoch']}")
 
 
-def log_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.PathLike | None = None) -> dict:
-    """Log the key metric and its per-class means (background excluded) after an evaluation; rank 0 also writes
-    them to ``output_dir/summary.json``. Returns ``{"metric": name, "mean": value, "per_class": {...}}``."""
+def log_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.PathLike | None = None,
+                provenance: Mapping | None = None) -> dict:
+    """Log the key metric and its per-class means (background excluded; a class left out of a case, NaN, is left out
+    of its mean) after an evaluation; rank 0 also writes them to ``output_dir/summary.json``.
+
+    ``provenance``: which checkpoint and which inference settings produced the numbers (``checkpoint_provenance``
+    plus e.g. ``tta``, ``overlap``); stored under ``evaluated_with`` and logged with the metric.
+    Returns ``{"metric": name, "mean": value, "cases": N, "per_class": {...}, "evaluated_with": {...}}``.
+    """
     state = evaluator.state
     name = state.key_metric_name
     details = state.metric_details.get(name) if getattr(state, "metric_details", None) else None
@@ -342,11 +350,17 @@ def log_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.Pa
         values = torch.as_tensor(details, dtype=torch.float64)
         for index, class_name in enumerate(names[1:]):
             if index < values.shape[-1]:
-                per_class[class_name] = float(torch.nanmean(values[:, index]))
+                mean = float(torch.nanmean(values[:, index]))
+                per_class[class_name] = None if mean != mean else mean
     cases = int(details.shape[0]) if details is not None else None
-    summary = {"metric": name, "mean": float(state.metrics[name]), "cases": cases, "per_class": per_class}
-    lines = [f"{name}: {summary['mean']:.4f} over {summary['cases']} case(s)"]
-    lines += [f"  {class_name:<32} {value:.4f}" for class_name, value in per_class.items()]
+    mean = float(state.metrics[name])
+    summary = {"metric": name, "mean": None if mean != mean else mean, "cases": cases, "per_class": per_class,
+               "evaluated_with": dict(provenance or {})}
+    lines = [f"{name}: {mean:.4f} over {summary['cases']} case(s)"]
+    if provenance:
+        lines.append("  evaluated with " + ", ".join(f"{k}={v}" for k, v in provenance.items()))
+    lines += [f"  {class_name:<32} " + ("absent" if value is None else f"{value:.4f}")
+              for class_name, value in per_class.items()]
     log_main("\n".join(lines))
     if output_dir is not None and is_main_process():
         write_text_atomic(Path(output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
