@@ -185,7 +185,9 @@ class TrainingCheckpoint:
     * ``ckpt_dir/last/``: ``model.safetensors`` + ``config.json`` (``uniseg_hub.load_model`` reads them) and
       ``training_state.pt`` (trainer position, optimizer, scheduler, AMP scaler, best metric, history; tensors and
       numbers, readable with ``torch.load(weights_only=True)``), every ``save_interval`` epochs and at the end;
-    * ``ckpt_dir/best/``: the weights of the epoch with the best validation key metric so far.
+    * ``ckpt_dir/best/``: the weights of the epoch with the best validation key metric so far, when a validator is
+      given (train.json gives one only with ``validation_fraction`` > 0: cases carved from the training list). The
+      reported model is ``last/`` after the final epoch, as in the official protocol.
 
     Each folder is written beside its target and renamed into place, so an interruption leaves the previous
     checkpoint whole. ``resume``: continue from ``last/`` (epoch, iteration, optimizer, scheduler, best metric,
