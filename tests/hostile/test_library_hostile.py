@@ -2,17 +2,31 @@
 datasets are refused with a typed ``UnisegHubError`` naming the problem, never a traceback, a huge allocation or a
 silently wrong result."""
 
+import gzip
 import json
 import shutil
 from collections import OrderedDict
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from conftest import SMALL
+from monai.data import MetaTensor
 
-from uniseg_hub import load_encoder, load_model
+import uniseg_hub.pretrained
+from uniseg_hub import load_encoder, load_model, preprocess
+from uniseg_hub.app.prepare import prepare
 from uniseg_hub.config import UniSegConfig
-from uniseg_hub.errors import ConfigError, IncompatibleCheckpointError, ManifestError
+from uniseg_hub.errors import (
+    ConfigError,
+    DatasetLayoutError,
+    IncompatibleCheckpointError,
+    InputError,
+    ManifestError,
+)
+from uniseg_hub.hub.manifest import load_manifest, packaged_manifest, parse_manifest
+from uniseg_hub.pipeline import ResampleToSpacingd, resampling
 from uniseg_hub.weights import (
     convert_checkpoint,
     read_folder,
@@ -163,12 +177,11 @@ def test_config_json_that_disagrees_with_the_weights_builds_nothing(converted_sm
     """A valid but different architecture (a larger prompt) is compared with the weights before any network is
     built or any tensor is allocated."""
     folder = _with_config(converted_small, tmp_path, _edit(converted_small, num_tasks=1000))
-    import uniseg_hub.pretrained as pretrained
 
     def no_build(*args, **kwargs):
         raise AssertionError("a network was built")
 
-    monkeypatch.setattr(pretrained, "build_network", no_build)
+    monkeypatch.setattr(uniseg_hub.pretrained, "build_network", no_build)
     wrong = r"config.json\): .*wrong shape.*prompt.fusion.2.adn.N.bias \(11,\) != \(1000,\)"
     with pytest.raises(IncompatibleCheckpointError, match=wrong):
         load_model(folder)
@@ -215,8 +228,6 @@ def test_universal_prompt_counts_towards_the_parameter_bound():
 
 
 def _manifest_entry() -> dict:
-    from uniseg_hub.hub.manifest import packaged_manifest
-
     return next(iter(packaged_manifest().models.values())).to_dict()
 
 
@@ -226,16 +237,12 @@ def _manifest_entry() -> dict:
     "a/\x00.safetensors", "model.bin", "",
 ])
 def test_manifest_filename_cannot_leave_the_repository(filename):
-    from uniseg_hub.hub.manifest import parse_manifest
-
     entry = {**_manifest_entry(), "filename": filename}
     with pytest.raises(ManifestError, match="filename"):
         parse_manifest({"schema_version": 1, "models": [entry]})
 
 
 def test_manifest_nested_deeply_is_a_manifest_error(tmp_path):
-    from uniseg_hub.hub.manifest import load_manifest
-
     path = tmp_path / "manifest.json"
     path.write_text('{"schema_version": 1, "models": [' + "[" * 200_000 + "]" * 200_000 + "]}")
     with pytest.raises(ManifestError, match="nested too deeply"):
@@ -249,3 +256,120 @@ def test_manifest_nested_deeply_is_a_manifest_error(tmp_path):
     entry = {**_manifest_entry(), "notes": deep}
     with pytest.raises(ManifestError, match="notes"):
         load_manifest({"schema_version": 1, "models": [entry]})
+
+
+# ----------------------------------------------------------------------------------------------- image headers
+
+
+def _scan_with_affine(path, srows, pixdim):
+    """A small .nii.gz whose sform (and pixdim) are written as given, even where nibabel would refuse them."""
+    data = np.random.default_rng(0).normal(100, 20, size=(12, 12, 6)).astype(np.float32)
+    raw = bytearray(nib.Nifti1Image(data, np.eye(4)).to_bytes())
+    raw[252:256] = np.asarray([0, 1], np.int16).tobytes()  # qform_code 0, sform_code 1
+    raw[76:108] = np.asarray([1, *pixdim, 1, 1, 1, 1], np.float32).tobytes()
+    raw[280:328] = np.asarray(srows, np.float32).tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(bytes(raw))
+    return path
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("srows, pixdim, words", [
+    ([[NAN, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], [NAN, 1, 1], "NaN or infinite"),
+    ([[float("inf"), 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], [float("inf"), 1, 1], "NaN or infinite"),
+    ([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]], [1, 1, 1], "singular"),
+    ([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]], [2 ** 0.5, 2 ** 0.5, 1], "singular"),
+    ([[1e-6, 0, 0, 0], [0, 1e-6, 0, 0], [0, 0, 1e-6, 0]], [1e-6, 1e-6, 1e-6], "voxel size of (1e-06, 1e-06, 1e-06)"),
+    ([[1e6, 0, 0, 0], [0, 1e6, 0, 0], [0, 0, 1, 0]], [1e6, 1e6, 1], "voxel size of (1e+06, 1e+06, 1)"),
+])
+def test_damaged_affine_is_refused_when_read(tmp_path, srows, pixdim, words):
+    path = _scan_with_affine(tmp_path / "scan.nii.gz", srows, pixdim)
+    with pytest.raises(InputError) as info:
+        preprocess(path, "liver")
+    assert words in str(info.value) and "scan.nii.gz" in str(info.value), str(info.value)
+
+
+def test_resampled_size_is_bounded_before_allocating(monkeypatch):
+    """Voxels of 90 mm (in bounds) resampled to the liver's 1.5 mm: refused with the size it would take, by the
+    check and by the resampling itself, before anything is allocated."""
+    image = MetaTensor(torch.rand(1, 40, 40, 40) + 1, affine=torch.as_tensor(np.diag([90.0, 90.0, 90.0, 1.0])))
+    monkeypatch.setattr(resampling, "resample_like_nnunet", lambda *a, **k: pytest.fail("resampling ran"))
+    with pytest.raises(InputError, match=r"2400 x 2400 x 1200 voxels \(25.7 GiB in float32\)"):
+        preprocess(image, "liver")
+    with pytest.raises(InputError, match="2400 x 2400 x 1200 voxels"):
+        ResampleToSpacingd("image", pixdim=(1.5, 1.5, 3.0))({"image": image})
+    small = MetaTensor(torch.rand(1, 40, 40, 40) + 1, affine=torch.as_tensor(np.diag([3.0, 3.0, 6.0, 1.0])))
+    monkeypatch.undo()
+    assert tuple(preprocess(small, "liver").shape) == (1, 80, 80, 80)
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+
+def _btcv(tmp_path, damage=None):
+    """A fake BTCV tree (Synapse RawData layout) of 4 small cases; ``damage(image_path, label_path)`` on case 1."""
+
+    raw = tmp_path / "raw"
+    for n in (1, 2, 32, 33):
+        image = raw / "RawData" / "Training" / "img" / f"img{n:04d}.nii.gz"
+        label = raw / "RawData" / "Training" / "label" / f"label{n:04d}.nii.gz"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        label.parent.mkdir(parents=True, exist_ok=True)
+        seg = np.zeros((6, 6, 4), np.uint8)
+        seg[2:4, 2:4, 1:3] = 6
+        nib.save(nib.Nifti1Image(np.where(seg > 0, 100, -1000).astype(np.int16), np.diag([0.8, 0.8, 3, 1])), image)
+        nib.save(nib.Nifti1Image(seg, np.diag([0.8, 0.8, 3, 1])), label)
+        if n == 1 and damage is not None:
+            damage(image, label)
+    return raw
+
+
+def _relabel(values, dtype="uint8", shape=(6, 6, 4), affine=(0.8, 0.8, 3)):
+    def damage(image, label):
+        seg = np.zeros(shape, dtype)
+        seg.flat[: len(values)] = values
+        nib.save(nib.Nifti1Image(seg, np.diag([*affine, 1])), label)
+    return damage
+
+
+def _cut(image, label):
+    data = label.read_bytes()
+    label.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, words", [
+    (_cut, ["case bcv_1", "label0001.nii.gz", "extract or download the dataset again"]),
+    (lambda image, label: label.write_bytes(b"not a nifti"), ["case bcv_1", "cannot read its label map"]),
+    (_relabel([14]), ["case bcv_1", "values from 0 to 14", "0 to 13"]),
+    (_relabel([-1], "int16"), ["case bcv_1", "values from -1 to 0"]),
+    (_relabel([2.5], "float32"), ["case bcv_1", "not all whole numbers"]),
+    (_relabel([float("nan")], "float32"), ["case bcv_1", "not all whole numbers"]),
+    (_relabel([1], shape=(6, 6, 5)), ["case bcv_1", "not on the voxel grid", "(6, 6, 5) != (6, 6, 4)"]),
+    (_relabel([1], affine=(0.8, 0.8, 2.5)), ["case bcv_1", "their affines differ"]),
+    (_relabel([1], shape=(6, 6)), ["case bcv_1", "not a 3-D volume"]),
+])
+def test_damaged_dataset_names_the_case_and_the_fix(tmp_path, damage, words):
+    raw = _btcv(tmp_path, damage)
+    with pytest.raises(DatasetLayoutError) as info:
+        prepare("btcv", str(raw), str(tmp_path / "out"))
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert not (tmp_path / "out" / "datalist.json").exists()
+
+
+def test_intact_fake_dataset_prepares(tmp_path):
+    result = prepare("btcv", str(_btcv(tmp_path)), str(tmp_path / "out"))
+    assert (result["training"], result["validation"]) == (2, 2)
+
+
+@pytest.mark.parametrize("dataset", ["btcv", "vs"])
+def test_empty_dataset_folders(tmp_path, dataset):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with pytest.raises(DatasetLayoutError, match="found nothing"):
+        prepare(dataset, str(raw), str(tmp_path / "out"))
+    for sub in ("imagesTr", "labelsTr", "RawData/Training/img", "RawData/Training/label", "VS-SEG"):
+        (raw / sub).mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="does not look like"):
+        prepare(dataset, str(raw), str(tmp_path / "out"))
