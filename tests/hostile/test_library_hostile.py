@@ -6,6 +6,7 @@ import gzip
 import json
 import shutil
 from collections import OrderedDict
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -40,7 +41,7 @@ from official_format import official_shapes, save_official_checkpoint, seeded_st
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def _folder_with(converted, tmp_path, change) -> "Path":  # noqa: F821
+def _folder_with(converted, tmp_path, change) -> Path:
     """A copy of the converted small folder whose state dict went through ``change(state)``."""
     checkpoint = read_folder(converted)
     state = dict(checkpoint.state)
@@ -125,7 +126,7 @@ def test_official_state_dict_with_integer_keys_only(tmp_path):
 # ----------------------------------------------------------------------------------------------- config.json
 
 
-def _with_config(converted, tmp_path, text) -> "Path":  # noqa: F821
+def _with_config(converted, tmp_path, text) -> Path:
     folder = tmp_path / "folder"
     shutil.copytree(converted, folder)
     (folder / "config.json").write_text(text)
@@ -373,3 +374,144 @@ def test_empty_dataset_folders(tmp_path, dataset):
         (raw / sub).mkdir(parents=True)
     with pytest.raises(DatasetLayoutError, match="does not look like"):
         prepare(dataset, str(raw), str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------------------------- training checkpoints
+
+
+def _trainer(tmp_path, resume=False):
+    """A tiny backbone, its optimizer, a ``TrainingCheckpoint`` in tmp_path/ckpt and an engine at epoch 0 of 3."""
+    from ignite.engine import Engine
+
+    from uniseg_hub.networks import UniSegBackbone
+    from uniseg_hub.training.handlers import TrainingCheckpoint
+
+    config = UniSegConfig("UniSegBackbone", in_channels=(1,), features=(2, 4), kernel_sizes=((3, 3, 1), (3, 3, 3)),
+                          strides=((1, 1, 1), (2, 2, 2)), num_classes=2)
+    network = UniSegBackbone(config=config)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
+    checkpoint = TrainingCheckpoint(tmp_path / "ckpt", network, optimizer, resume=resume)
+    engine = Engine(lambda e, b: None)
+    engine.state.epoch_length, engine.state.max_epochs = 4, 3
+    return network, optimizer, checkpoint, engine
+
+
+def _step(network, optimizer, engine, epoch):
+    for p in network.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    engine.state.epoch, engine.state.iteration = epoch, 4 * epoch
+
+
+def _weights(folder):
+    return {k: v.clone() for k, v in read_folder(folder).state.items()}
+
+
+def _failing_save(monkeypatch, error):
+    """safetensors' writer writes half a file, then fails with ``error``."""
+    import uniseg_hub.weights as weights
+
+    real = weights.save_file
+
+    def half_then_fail(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+        raise error
+
+    monkeypatch.setattr(weights, "save_file", half_then_fail)
+
+
+def test_full_disk_during_a_checkpoint_save_keeps_the_last_good_one(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from uniseg_hub.errors import TrainingError
+
+    network, optimizer, checkpoint, engine = _trainer(tmp_path)
+    _step(network, optimizer, engine, 1)
+    checkpoint.save_last(engine)
+    good = _weights(checkpoint.last_dir)
+    _step(network, optimizer, engine, 2)
+    _failing_save(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(TrainingError, match=r"No space left on device.*previous checkpoint in .*last is intact.*"
+                                            r"--resume true"):
+        checkpoint.save_last(engine)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last"]  # no partial folder left
+    for k, v in _weights(checkpoint.last_dir).items():
+        assert torch.equal(v, good[k]), k
+    # the run continues from the last good checkpoint (epoch 1)
+    network2, optimizer2, resumed, engine2 = _trainer(tmp_path, resume=True)
+    resumed.started(engine2)
+    assert (engine2.state.epoch, engine2.state.iteration) == (1, 4)
+    for k, v in network2.state_dict().items():
+        assert torch.equal(v, good[k]), k
+    assert optimizer2.state_dict()["state"][0]["momentum_buffer"].abs().sum() > 0
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    network, optimizer, checkpoint, engine = _trainer(tmp_path)
+    _step(network, optimizer, engine, 1)
+    checkpoint.save_last(engine)
+    good = _weights(checkpoint.last_dir)
+    _step(network, optimizer, engine, 2)
+    _failing_save(monkeypatch, KeyboardInterrupt())  # the process dies mid-write (nothing is cleaned up but the tmp)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_last(engine)
+    monkeypatch.undo()
+    _, _, resumed, engine2 = _trainer(tmp_path, resume=True)
+    resumed.started(engine2)
+    assert engine2.state.epoch == 1
+    assert all(torch.equal(v, good[k]) for k, v in _weights(checkpoint.last_dir).items())
+
+
+def test_kill_between_the_renames_of_a_swap(tmp_path, monkeypatch):
+    """Killed after last/ was moved aside and before the new folder took its place: resume uses the moved copy, and
+    the next save does not delete it before the new one is in place."""
+    import os
+
+    import uniseg_hub.training.handlers as handlers
+
+    network, optimizer, checkpoint, engine = _trainer(tmp_path)
+    _step(network, optimizer, engine, 1)
+    checkpoint.save_last(engine)
+    _step(network, optimizer, engine, 2)
+    real = os.replace
+
+    def replace_then_die(src, dst):
+        if Path(dst) == checkpoint.last_dir:  # the new folder's rename into place
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(handlers.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_last(engine)
+    monkeypatch.undo()
+    assert not checkpoint.last_dir.exists() and (tmp_path / "ckpt" / ".last.previous").is_dir()
+    for killed_again in (True, False):  # the resumed run is killed at the same point once more, then saves
+        network2, optimizer2, resumed, engine2 = _trainer(tmp_path, resume=True)
+        resumed.started(engine2)
+        assert engine2.state.epoch == 1
+        _step(network2, optimizer2, engine2, 2)
+        if killed_again:
+            monkeypatch.setattr(handlers.os, "replace", replace_then_die)
+            with pytest.raises(KeyboardInterrupt):
+                resumed.save_last(engine2)
+            monkeypatch.undo()
+    resumed.save_last(engine2)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last"]
+    assert torch.load(checkpoint.last_dir / "training_state.pt", weights_only=True)["trainer"]["epoch"] == 2
+
+
+def test_damaged_training_state_is_a_resume_error(tmp_path):
+    from uniseg_hub.errors import ResumeError
+
+    network, optimizer, checkpoint, engine = _trainer(tmp_path)
+    _step(network, optimizer, engine, 1)
+    checkpoint.save_last(engine)
+    state = checkpoint.last_dir / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    _, _, resumed, engine2 = _trainer(tmp_path, resume=True)
+    with pytest.raises(ResumeError, match="training_state.pt .*damaged"):
+        resumed.started(engine2)
