@@ -79,8 +79,9 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
             "checkpoint, which could run code when unpickled; convert only files from a source you trust, and "
             "report the file if it is the official one"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UnisegHubError(f"cannot read {path} as a PyTorch checkpoint ({e}); is the file complete?") from e
+    except Exception as e:  # a damaged zip or pickle makes torch raise nearly any type
+        raise IncompatibleCheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: "
+                                          f"{str(e)[:200]}); is the file complete? Download it again") from e
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise IncompatibleCheckpointError(f"{path} holds no state_dict of tensors; is it an nnU-Net .model file?")

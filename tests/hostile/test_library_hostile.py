@@ -515,3 +515,12 @@ def test_damaged_training_state_is_a_resume_error(tmp_path):
     _, _, resumed, engine2 = _trainer(tmp_path, resume=True)
     with pytest.raises(ResumeError, match="training_state.pt .*damaged"):
         resumed.started(engine2)
+
+
+def test_cut_uncompressed_nifti_is_an_input_error(tmp_path):
+    data = np.random.default_rng(2).normal(size=(10, 10, 10)).astype(np.float32)
+    path = tmp_path / "cut.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(InputError, match="cannot read the voxels of .*cut.nii .*damaged or incomplete"):
+        preprocess(path, "liver")

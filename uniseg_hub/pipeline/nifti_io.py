@@ -101,9 +101,16 @@ class NiftiReader(NibabelReader):
     would do anyway."""
 
     def _get_array_data(self, img, filename):
-        if str(filename).lower().endswith(".gz"):
-            img = type(img).from_bytes(read_verified_gzip(filename))
-        data = super()._get_array_data(img, filename)
+        try:
+            if str(filename).lower().endswith(".gz"):
+                img = type(img).from_bytes(read_verified_gzip(filename))
+            data = super()._get_array_data(img, filename)
+        except InputError:
+            raise
+        except Exception as e:  # nibabel raises several types for voxels it cannot read (a cut file, a bad header)
+            reason = (str(e).splitlines() or [""])[0]
+            raise InputError(f"cannot read the voxels of {filename} ({type(e).__name__}: {reason}); the file is "
+                             "damaged or incomplete: copy or export it again") from e
         if self.to_gpu or data.ndim != 3 or data.flags.c_contiguous or not data.flags.f_contiguous:
             return data
         return reverse_axes(np.asarray(data).T)
