@@ -135,16 +135,16 @@ def check_tensors(state: Mapping, source: str, config: UniSegConfig | None = Non
             problems.append(f"unexpected {len(unexpected)} tensors: {_listing(unexpected)}")
         if misshaped := [f"{k} {tuple(v.shape)} != {expected[k][0]}" for k, v in state.items()
                          if k in expected and tuple(v.shape) != expected[k][0]]:
-            problems.append(f"{len(misshaped)} tensors with the wrong shape (checkpoint != {config.architecture} "
-                            f"of its configuration): {_listing(misshaped)}")
+            problems.append(f"{len(misshaped)} tensors with the wrong shape (checkpoint != configuration): "
+                            f"{_listing(misshaped)}")
         if problems:
-            fail("the tensors do not fit the architecture of its configuration: " + "; ".join(problems))
+            fail(f"does not fit {config.architecture}: " + "; ".join(problems))
     empty = [f"{k} {tuple(v.shape)}" for k, v in state.items() if v.numel() == 0]
     if empty:
         fail(f"{len(empty)} tensor(s) are empty (a zero-size dimension): {_listing(empty)}")
     nonfinite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if nonfinite:
-        fail(f"{len(nonfinite)} tensor(s) hold NaN or infinite values: {_listing(nonfinite)}")
+        fail(f"{len(nonfinite)} tensor(s) are not finite (NaN or infinite values): {_listing(nonfinite)}")
 
 
 def official_key(key: str) -> str | None:
