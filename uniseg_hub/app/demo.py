@@ -115,9 +115,10 @@ def _weights_download(weights: str | None, manifest=None) -> Download:
     if up is None:
         return Download(what=f"the UniSeg weights {name}", source="nowhere (the manifest names no source)",
                         size=None, cached=False, detail="not downloadable")
+    count = _parameters(entry.architecture) if up.size is None else 0
     detail = "" if up.size is not None else (
-        f"size not recorded in the manifest; the network's {_parameters(entry.architecture) / 1e6:.1f} M "
-        f"parameters alone are {_parameters(entry.architecture) * 4 / 1e6:.0f} MB in float32")
+        f"size not recorded in the manifest; the network's {count / 1e6:.1f} M parameters alone are "
+        f"{count * 4 / 1e6:.0f} MB in float32")
     return Download(what=f"the official UniSeg checkpoint for {name}", source=up.url, size=up.size, cached=False,
                     detail=detail)
 
