@@ -291,7 +291,10 @@ def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bo
     """Segment the sample CT (TotalSegmentator example from PyPI) for an abdominal task and for all CT tasks.
 
     Uses the default published model, or --weights DIR (a folder written by `uniseg-hub convert` from the
-    official checkpoint). Prints where the label maps, previews and volume tables are.
+    official checkpoint). Says first (stderr, `note:` lines) what it downloads, how big it is, and about how long
+    the run will take (one window timed on this machine). Prints where the label maps, previews and volume tables
+    are, then the Dice of each organ against TotalSegmentator's label map of the same scan (liver, kidney,
+    pancreas, spleen): high values mean the weights work.
 
     Args:
         weights: a converted folder instead of the published model.
@@ -301,12 +304,62 @@ def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bo
         device: cpu, cuda or cuda:N.
         json: print the results as JSON.
     """
-    from .app.predict import demo as run
+    from .app.demo import plan_downloads, prepare_demo, run_demo
     from .app.predict import quiet
 
     quiet()
-    results = run(weights=weights, out_dir=out, task=task, tta=tta, device=device)
-    emit([r.as_dict() for r in results], json, "\n".join(_describe(r) for r in results))
+    for item in plan_downloads(weights):
+        _note(_download_line(item))
+    setup = prepare_demo(weights, task, tta=tta, device=device)
+    _note(_estimate_line(setup))
+    result = run_demo(setup, out, tta=tta, device=device)
+    emit(result.as_dict(), json, "\n".join([*(_describe(r) for r in result.predictions),
+                                            _agreement_table(result.agreement)]))
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _size(size) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _download_line(item) -> str:
+    if item.cached:
+        return f"{item.what}: in {item.source}, nothing to download"
+    size = _size(item.size) if item.size is not None else item.detail or "size unknown"
+    return f"downloads {item.what} from {item.source} ({size})"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def _estimate_line(setup) -> str:
+    if not setup.estimates:
+        return "no run-time estimate"
+    runs = "; ".join(f"{e.task}: {e.windows} window{'s' * (e.windows != 1)} x {e.seconds_per_window:.1f} s"
+                     for e in setup.estimates)
+    return (f"the run on {setup.window.device} will take about {_duration(setup.seconds)} ({runs}; one window "
+            f"timed on this machine)")
+
+
+def _agreement_table(rows) -> str:
+    """Dice per organ against TotalSegmentator's map, as an aligned table."""
+    if not rows:
+        return "no organ of these tasks is in TotalSegmentator's label map: no agreement to show"
+    head = ("case", "task", "organ", "Dice", "UniSeg mL", "TotalSeg mL")
+    body = [(r.case, r.task, r.organ, "n/a" if r.dice is None else f"{r.dice:.3f}", f"{r.volume_ml:.1f}",
+             f"{r.reference_volume_ml:.1f}") for r in rows]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+             for line in (head, *body)]
+    return "\n".join(["agreement with TotalSegmentator's label map of the same scan (Dice; a prediction of "
+                      "another model, not ground truth):", *lines])
 
 
 def export(src: str, out: str, *, in_channels: int = 1, json: bool = False) -> None:

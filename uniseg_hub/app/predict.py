@@ -1,4 +1,4 @@
-"""Segmentation for people: ``uniseg-hub predict`` and ``uniseg-hub demo``.
+"""Segmentation for people: ``uniseg-hub predict`` (``demo`` runs it on the sample CT).
 
 ``predict`` runs the bundle's ``inference.json`` (MONAI's ``ConfigWorkflow`` with overrides; the one inference
 pipeline) and takes what it needs from that run: the tasks, label names and output names the configuration
@@ -240,37 +240,3 @@ def run_workflow(workflow) -> list[dict]:
         _typed(workflow.finalize)
     return collect.cases
 
-
-def demo(weights: str | None = None, out_dir: str = "uniseg-demo", task: str = "liver", tta: bool = False,
-         device: str | None = None, overwrite: bool = True, progress: bool = True) -> list[Prediction]:
-    """Segment the sample CT (TotalSegmentator example, from PyPI, sha256-pinned) for ``task`` and for all CT tasks.
-
-    ``weights``: a converted folder, or None for the default published model. The weights are checked first, so
-    a machine without them learns that in one line before anything is downloaded.
-    """
-    from .sample_data import fetch_sample
-
-    source = weights if weights is not None else _published_default()
-    scan = fetch_sample("ct_small")
-    return [predict(scan, t, out_dir, source, device=device, tta=tta, overwrite=overwrite, progress=progress)
-            for t in (task, "all")]
-
-
-def _published_default() -> str:
-    """The default model's name once its file is downloaded (or converted from the original) and verified, or one
-    error saying how to get weights."""
-    from ..errors import NotAvailableOfflineError, NotPublishedError
-    from ..upstream import download
-
-    try:
-        download(DEFAULT_MODEL)
-        return DEFAULT_MODEL
-    except (NotPublishedError, NotAvailableOfflineError) as e:
-        reason = "it is not published on the Hugging Face Hub yet" if isinstance(e, NotPublishedError) else \
-            "it is not in the cache and downloads are off"
-        raise UnisegHubError(
-            f"no UniSeg weights available ({DEFAULT_MODEL}: {reason}); either convert the official checkpoint "
-            f"(uniseg-hub convert model_final_checkpoint.model ./{DEFAULT_MODEL}, then uniseg-hub demo --weights "
-            f"./{DEFAULT_MODEL}) or publish a converted copy (uniseg-hub publish ./{DEFAULT_MODEL} --repo-id "
-            "ORG/NAME) and add its manifest entry"
-        ) from e
