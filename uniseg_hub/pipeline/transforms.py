@@ -72,7 +72,8 @@ class CheckInputFilesd(MapTransform):
 
 
 class CheckImaged(MapTransform):
-    """Check a loaded, channel-first image: 3-D, the expected channel count, not empty, no infinity.
+    """Check a loaded, channel-first image: 3-D, the expected channel count, not empty (all zeros, or one value
+    everywhere), no infinity.
 
     ``nan``: ``"zero"`` lets NaN voxels through for ``ZeroNaNd`` (the official preprocessing sets them to 0);
     ``"refuse"`` makes them an error too.
@@ -106,6 +107,9 @@ class CheckImaged(MapTransform):
                 low, high = torch.aminmax(finite) if finite.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             if low == 0 and high == 0:
                 raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
+            if low == high:
+                raise InputError(f"{name} is empty: every voxel has the value {float(low):.6g} (shape "
+                                 f"{tuple(image.shape[1:])}), there is nothing to segment; check the file")
         return d
 
 
