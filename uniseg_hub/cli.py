@@ -492,6 +492,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{', '.join(COMMANDS)} (see `uniseg-hub --help`)", file=sys.stderr)
         raise SystemExit(2)
     helping = any(a in ("-h", "--help") for a in argv)
+    if command not in COMMANDS and not (helping and command in ("-h", "--help")):
+        print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)} (see `uniseg-hub --help`)",
+              file=sys.stderr)
+        raise SystemExit(2)
     if helping:
         # show help without running anything (fire runs a command before honouring a trailing --help)
         argv = ([command] if command in COMMANDS else []) + ["--", "--help"]

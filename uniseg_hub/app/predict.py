@@ -124,6 +124,11 @@ def predict(
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
+    for path in inputs:  # what can be checked in a moment is checked before MONAI and the model load
+        if not os.path.exists(path):
+            raise InputError(f"input {path} does not exist")
+    _check_device(options.device)
+    _check_writable(options.out_dir)
     start = time.perf_counter()
     workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
     parsed = lambda name: _typed(workflow.parser.get_parsed_content, name)  # noqa: E731
@@ -133,8 +138,6 @@ def predict(
         planned["probabilities"] = parsed("probabilities_layout").filename(subject=inputs[0])
     planned.update(companions(layout, planned["label_map"], options.preview))
     check_names(planned)
-    _check_device(options.device)
-    _check_writable(options.out_dir)
     with claim_outputs(planned) as claim:
         existing = [p for p in planned.values() if os.path.exists(p)]
         if existing and not options.overwrite:
