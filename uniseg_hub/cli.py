@@ -454,13 +454,19 @@ class _WarningLines(logging.Handler):
         print(f"warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is, so that what a command was writing is cleaned up (atomic writes, the
-    outputs' lock) as for Ctrl-C; a BaseException so that nothing on the way catches it as an error."""
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM, raised where the process is, so that what a command was writing is cleaned up
+    (atomic writes, the outputs' lock); a BaseException so that nothing on the way catches it as an error. Not a
+    ``KeyboardInterrupt``: CPython kills a process with SIGINT at exit once one passed through certain C calls,
+    even if it was handled, which would hide the exit status."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -506,7 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     package_logger.addHandler(warnings_handler)
     stdout = sys.stdout
     _STDOUT.append(stdout)
-    previous_term = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _interrupt) for s in signals} if _main_thread() else {}
     try:
         with contextlib.redirect_stderr(stdout) if helping else contextlib.redirect_stdout(sys.stderr):
             fire.Fire(COMMANDS, command=argv, name="uniseg-hub")
@@ -525,9 +532,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        raise SystemExit(143) from None
+    except Interrupted as e:
+        print("interrupted" if e.signum == signal.SIGINT else "terminated", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     except Exception as e:  # a bug: one line that says so, the traceback on request
         if os.environ.get("UNISEG_HUB_TRACEBACK"):
             raise
@@ -536,8 +543,8 @@ def main(argv: list[str] | None = None) -> None:
               "it with the command you ran; UNISEG_HUB_TRACEBACK=1 shows the traceback)")
     finally:
         _STDOUT.remove(stdout)
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         package_logger.removeHandler(warnings_handler)
 
 
