@@ -107,7 +107,7 @@ class CheckImaged(MapTransform):
                 low, high = torch.aminmax(finite) if finite.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             if low == 0 and high == 0:
                 raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
-            if low == high:
+            if low == high and values[0].numel() > 1:  # one voxel is one value: segmented as it is
                 raise InputError(f"{name} is empty: every voxel has the value {float(low):.6g} (shape "
                                  f"{tuple(image.shape[1:])}), there is nothing to segment; check the file")
         return d
