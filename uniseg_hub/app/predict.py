@@ -226,9 +226,11 @@ def _check_writable(folder: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", str(existing))
+        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file; choose another --out folder",
+                                 str(existing))
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "cannot write to the output folder", str(existing))
+        raise PermissionError(errno.EACCES, "cannot write to the output folder (permission denied); choose another "
+                              "--out folder", str(existing))
 
 
 def quiet() -> None:
