@@ -1,9 +1,11 @@
 """The ``uniseg-hub`` command line: a thin ``fire`` layer over the package's functions.
 
 Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage error (unknown command or option, a
-missing or extra argument), rejected before anything runs. Every command has ``--help``. Values stay the strings
-that were typed (fire alone would turn ``--revision 1e5`` into a float). Commands import what they need when they
-run, so ``list``, ``info``, ``download``, ``verify`` and ``path`` start without importing torch.
+missing or extra argument, an option given twice or with a value of the wrong kind), rejected before anything
+runs; 130 Ctrl-C, 143 SIGTERM, 141 when stdout's reader went away. Help goes to stdout; only results do besides.
+Every command has ``--help``. Values stay the strings that were typed (fire alone would turn ``--revision 1e5``
+into a float). Commands import what they need when they run, so ``list``, ``info``, ``download``, ``verify`` and
+``path`` start without importing torch.
 
 Conventions for a command (see ``guard_args``): required inputs are positional parameters, options are
 keyword-only with defaults, a flag is an option whose default is a bool, option values arrive as the strings typed
@@ -148,7 +150,8 @@ def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> N
 
 
 def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> None:
-    """Print where a model's verified file is in the cache (never downloads), or the cache folder without NAME.
+    """Print where a model's verified file is in the cache (hashed against the manifest; never downloads, never
+    deletes: a corrupt file is reported), or the cache folder without NAME.
 
     Args:
         name: a model name (see `uniseg-hub list`); omit it for the cache folder itself.
