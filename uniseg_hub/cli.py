@@ -22,7 +22,7 @@ import sys
 
 import fire
 
-from .errors import UnisegHubError
+from .errors import Interrupted, UnisegHubError
 from .files import format_json
 
 _STDOUT: list = []
@@ -455,17 +455,6 @@ class _WarningLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         print(f"warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
-
-
-class Interrupted(BaseException):
-    """SIGINT (Ctrl-C) or SIGTERM, raised where the process is, so that what a command was writing is cleaned up
-    (atomic writes, the outputs' lock); a BaseException so that nothing on the way catches it as an error. Not a
-    ``KeyboardInterrupt``: CPython kills a process with SIGINT at exit once one passed through certain C calls,
-    even if it was handled, which would hide the exit status."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 def _interrupt(signum, frame) -> None:
