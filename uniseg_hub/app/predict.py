@@ -113,12 +113,12 @@ def predict(
     Writes ``<case>_<task>.nii.gz`` (uint8 labels, the input's grid), optionally ``<case>_<task>_probabilities
     .nii.gz``, ``<case>_<task>_preview.png`` and ``<case>_<task>_volumes.{json,csv}`` into ``out_dir``, where
     ``<case>`` is the first input's name without its image suffix (``pipeline.cases.CaseLayout``). Existing outputs
-    are an error unless ``overwrite``; every file is written atomically. The outputs are claimed first
-(``outputs.claim_outputs``: another run on them is an ``InputError`` at once, a killed run's incomplete set is
-replaced) and checked (names, free space, folder, device) before the model loads; a failure removes what was
-written. The options are checked first
+    are an error unless ``overwrite``; every file is written atomically. The options are checked first
     (``config.PredictOptions``, ``ConfigError`` naming the option); ``resampling``, ``nan`` and
-    ``normalization_mask`` default to the official pipeline's behaviour.
+    ``normalization_mask`` default to the official pipeline's behaviour. The outputs are claimed
+    (``outputs.claim_outputs``: another run on them is an ``InputError`` at once, a killed run's incomplete set is
+    replaced) and checked (names, free space, folder, device) before the model loads; a failure removes what was
+    written.
     """
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
