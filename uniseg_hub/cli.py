@@ -446,6 +446,11 @@ def guard_args(command: str, args: list[str]) -> list[str]:
     free = [n for n in positional if n not in given]
     if len(values) > len(free) and not any_args:
         usage_error(command, f"unexpected argument(s) {' '.join(values[len(free):])} for `uniseg-hub {command}`")
+    missing = [n.upper() for n in free[len(values):] if params[n].default is params[n].empty]
+    missing += [f"--{n.replace('_', '-')}" for n, p in params.items()
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty and n not in given]
+    if missing:
+        usage_error(command, f"`uniseg-hub {command}` needs {' '.join(missing)}")
     return out
 
 
