@@ -10,6 +10,7 @@ with the same values (``reverse_axes``).
 from __future__ import annotations
 
 import gzip
+import threading
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -141,5 +142,22 @@ class AtomicNibabelWriter(NibabelWriter):
 
     def write(self, filename, verbose: bool = False, **kwargs):
         name = str(filename)
-        with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
-            super().write(tmp, verbose=verbose, **kwargs)
+        try:
+            with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
+                super().write(tmp, verbose=verbose, **kwargs)
+        except OSError as e:
+            _WRITE_ERRORS.last = e  # SaveImage turns it into "cannot find a suitable writer" (``write_error``)
+            raise
+
+
+_WRITE_ERRORS = threading.local()
+
+
+def write_error(clear: bool = True) -> OSError | None:
+    """The ``OSError`` (disk full, permission denied...) of this thread's last failed ``AtomicNibabelWriter.write``:
+    MONAI's ``SaveImage`` reports any failed write as ``RuntimeError("... cannot find a suitable writer ...")`` and
+    keeps only its text."""
+    error = getattr(_WRITE_ERRORS, "last", None)
+    if clear:
+        _WRITE_ERRORS.last = None
+    return error

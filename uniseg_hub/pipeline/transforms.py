@@ -74,7 +74,7 @@ class CheckInputFilesd(MapTransform):
 
 class CheckImaged(MapTransform):
     """Check a loaded, channel-first image: 3-D, the expected channel count, a finite, non-singular affine with voxel
-    sizes a scan can have (``check_affine``), not empty, no infinity.
+    sizes a scan can have (``check_affine``), not empty (all zeros, or one value everywhere), no infinity.
 
     ``nan``: ``"zero"`` lets NaN voxels through for ``ZeroNaNd`` (the official preprocessing sets them to 0);
     ``"refuse"`` makes them an error too. ``pixdim``: the spacing the image will be resampled to; when given, a
@@ -116,6 +116,9 @@ class CheckImaged(MapTransform):
                 low, high = torch.aminmax(finite) if finite.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             if low == 0 and high == 0:
                 raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
+            if low == high and values[0].numel() > 1:  # one voxel is one value: segmented as it is
+                raise InputError(f"{name} is empty: every voxel has the value {float(low):.6g} (shape "
+                                 f"{tuple(image.shape[1:])}), there is nothing to segment; check the file")
         return d
 
 
