@@ -207,7 +207,7 @@ def test_the_command_line_takes_window_and_refuses_a_wrong_one_in_one_line(tmp_p
     result = subprocess.run([sys.executable, "-m", "uniseg_hub", "predict", str(tmp_path / "scan.nii.gz"), "--window",
                              "gaussian", "--out", str(tmp_path / "out")], capture_output=True, text=True)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "window must be one of nnunet, monai" in lines[0]
     assert not (tmp_path / "out").exists()
 

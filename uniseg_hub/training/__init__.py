@@ -12,20 +12,27 @@ The paper's downstream protocol (``shared/reference/uniseg-official.md`` §3, §
 * optimisation and bookkeeping (``handlers``): ``GradientClipping``, ``FreezeEncoder``, ``TrainingLog`` (loss,
   learning rate, validation metric per epoch, a PNG of the curves) and ``TrainingCheckpoint`` (``best/`` and
   ``last/`` safetensors folders written atomically, resume);
-* ``distributed``: ranks and shards under ``torchrun``; ``evaluation``: the per-case report of ``evaluate.json``.
+* ``distributed``: ranks, shards and each rank's share of an epoch's iterations under ``torchrun``;
+* ``evaluation``: the per-case report of ``evaluate.json`` and the downstream Dice (nnU-Net's evaluator leaves a
+  class absent from prediction and reference out of the mean).
+
+The reported model is the final checkpoint, evaluated with 8-flip mirroring (``uniseg_hub.pipeline
+.BackbonePredictor``), as the official protocol does; ``best/`` is selected only on a validation split carved from
+the training cases (``carve_validation``), never on the test list.
 """
 
 from .augmentation import RandPatchd
 from .data import (
     CheckLabeld,
+    carve_validation,
     datalist_property,
     intensity_transform,
     label_names,
     load_datalist,
     modalities,
 )
-from .distributed import is_main_process, rank, shard, unwrap
-from .evaluation import SegmentationReport
+from .distributed import is_main_process, iterations_per_rank, rank, shard, unwrap, world_size
+from .evaluation import AbsentClassDiceMetric, SegmentationReport, dice_metric
 from .handlers import (
     FreezeEncoder,
     GradientClipping,
@@ -35,9 +42,10 @@ from .handlers import (
     log_metrics,
     loss_of,
 )
-from .model import build_network, ds_weights, load_trained
+from .model import build_network, checkpoint_provenance, ds_weights, load_trained
 
-__all__ = ["RandPatchd", "CheckLabeld", "datalist_property", "intensity_transform", "label_names", "load_datalist",
-           "modalities", "is_main_process", "rank", "shard", "unwrap", "SegmentationReport", "FreezeEncoder",
+__all__ = ["RandPatchd", "CheckLabeld", "carve_validation", "datalist_property", "intensity_transform", "label_names",
+           "load_datalist", "modalities", "is_main_process", "iterations_per_rank", "rank", "shard", "unwrap",
+           "world_size", "AbsentClassDiceMetric", "SegmentationReport", "dice_metric", "FreezeEncoder",
            "GradientClipping", "ProgressBar", "TrainingCheckpoint", "TrainingLog", "loss_of", "log_metrics",
-           "build_network", "ds_weights", "load_trained"]
+           "build_network", "checkpoint_provenance", "ds_weights", "load_trained"]

@@ -1,9 +1,11 @@
-"""Training data: Decathlon-style datalists checked before any work starts, intensity normalisation, label checks."""
+"""Training data: Decathlon-style datalists checked before any work starts, a validation split carved from the
+training cases, intensity normalisation, label checks."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -173,3 +175,26 @@ class CheckLabeld(MapTransform):
                     "names in the datalist"
                 )
         return d
+
+
+def carve_validation(cases: Sequence[dict], fraction: float = 0.0, seed: int = 12345) -> tuple[list, list]:
+    """(training, validation): a validation split carved from the **training** cases, for model selection.
+
+    ``fraction`` 0 (the official protocol, default) carves nothing: the final checkpoint is the reported model and
+    no model is selected. Otherwise ``max(1, round(fraction * N))`` cases, drawn with ``random.Random(seed)`` (the
+    same cases for the same list, fraction and seed), validate the run and pick ``best/``; the rest train. The
+    datalist's own ``validation`` list (the official test split for BTCV and VS) is never used for selection.
+    """
+    cases = list(cases)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise TrainingError(f"validation_fraction must be a number in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return cases, []
+    count = max(1, round(fraction * len(cases)))
+    if count >= len(cases):
+        raise TrainingError(
+            f"validation_fraction {fraction} of {len(cases)} training case(s) leaves none to train on; use a smaller "
+            "fraction, or 0 to train on all of them and report the final checkpoint"
+        )
+    chosen = set(random.Random(seed).sample(range(len(cases)), count))
+    return ([c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen])

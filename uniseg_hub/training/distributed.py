@@ -38,7 +38,7 @@ def shard(data: Sequence, even_divisible: bool = False, shuffle: bool = False, s
     ``even_divisible`` repeats items so every rank gets as many (training); otherwise ranks may differ by one item
     (evaluation: every case is scored exactly once, and the metrics are gathered across ranks).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or not data:
         return list(data)
     world = dist.get_world_size()
     if len(data) < world:
@@ -48,6 +48,24 @@ def shard(data: Sequence, even_divisible: bool = False, shuffle: bool = False, s
         )
     parts = partition_dataset(data, num_partitions=world, shuffle=shuffle, seed=seed, even_divisible=even_divisible)
     return parts[rank()]
+
+
+def world_size() -> int:
+    """Number of processes under ``torchrun`` (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def iterations_per_rank(iterations_per_epoch: int) -> int:
+    """This rank's share of an epoch's iterations: ``ceil(iterations_per_epoch / world_size)``.
+
+    Every rank trains ``batch_size`` patches per iteration, so an epoch sees ``iterations_per_epoch x batch_size``
+    patches (rounded up to a multiple of the ranks) whatever the number of GPUs: the official 250 x 2 = 500 per
+    epoch. With N ranks the optimizer takes N times fewer steps per epoch, each on an N times larger global batch
+    (``N x batch_size``), at the same learning rate and the same per-epoch schedule.
+    """
+    if isinstance(iterations_per_epoch, bool) or not isinstance(iterations_per_epoch, int) or iterations_per_epoch < 1:
+        raise TrainingError(f"iterations_per_epoch must be a positive whole number, got {iterations_per_epoch!r}")
+    return -(-iterations_per_epoch // world_size())
 
 
 def unwrap(network: nn.Module) -> nn.Module:

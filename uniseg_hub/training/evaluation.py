@@ -5,6 +5,10 @@ counts an empty prediction on an empty reference as Dice 1.0, and averages over 
 millimetres, MONAI's ``compute_hausdorff_distance``) is reported too; it is undefined (null) when either mask is
 empty. ``SegmentationReport`` is an ignite handler for the bundle's evaluator; it writes ``<prefix>.csv`` (one row
 per case and label) and ``<prefix>_summary.json`` (means per label).
+
+The downstream runs (fine-tuning, ``bundle/configs/train.json``) were scored by nnU-Net's own evaluator, which
+leaves a class absent from both prediction and reference out of the mean (NaN, averaged with ``nanmean``):
+``dice_metric`` gives that metric (``AbsentClassDiceMetric``), or MONAI's behaviours as options.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import DiceMetric, compute_dice, compute_hausdorff_distance
+from monai.networks import one_hot
+from monai.utils import MetricReduction
 
-from ..errors import UnisegHubError
+from ..errors import TrainingError, UnisegHubError
 from ..files import write_text_atomic
 from ..pipeline.cases import case_name
 
@@ -35,6 +41,70 @@ def dice_per_label(pred: torch.Tensor, label: torch.Tensor, labels: Mapping[int,
         g = (label == value).float()[None, None]
         out[value] = float(compute_dice(p, g, include_background=True, ignore_empty=False))
     return out
+
+
+DICE_EMPTY = ("exclude", "one", "monai")
+
+
+class AbsentClassDiceMetric(DiceMetric):
+    """MONAI's ``DiceMetric`` scoring empty classes as nnU-Net's evaluator does (the downstream protocol):
+
+    * a class absent from both prediction and reference is NaN: left out of the means (nnU-Net v1
+      ``evaluation/metrics.py`` ``dice(..., nan_for_nonexisting=True)``, averaged with ``nanmean``);
+    * a class absent from the reference but predicted scores 0, one present in the reference as usual.
+
+    ``aggregate()`` with the ``mean`` reduction is nnU-Net's summary: each class's mean over the cases where it is
+    defined, then the mean over classes (a class defined in no case is left out). Other reductions are MONAI's.
+    Inputs: one-hot (B, C, *spatial), or class indices (B, 1, *spatial) with ``num_classes``.
+    """
+
+    def __init__(self, include_background: bool = False, reduction: MetricReduction | str = MetricReduction.MEAN,
+                 num_classes: int | None = None, **kwargs):
+        super().__init__(include_background=include_background, reduction=reduction, num_classes=num_classes,
+                         ignore_empty=False, **kwargs)
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        dice = super()._compute_tensor(y_pred, y).float()
+        channels = dice.shape[1]
+        present = []
+        for t in (y_pred, y):
+            if t.shape[1] == 1 and self.num_classes and self.num_classes > 1:
+                t = one_hot(t, self.num_classes, dim=1)
+            present.append(t.reshape(t.shape[0], t.shape[1], -1).sum(-1) > 0)
+        absent = ~(present[0] | present[1])
+        absent = absent[:, absent.shape[1] - channels:]  # without background when it is not scored
+        return dice.masked_fill(absent.to(dice.device), float("nan"))
+
+    def aggregate(self, reduction: MetricReduction | str | None = None):  # type: ignore[override]
+        if (reduction or self.reduction) != MetricReduction.MEAN:
+            return super().aggregate(reduction)
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise TrainingError(f"nothing to aggregate: the Dice metric holds {type(data).__name__}")
+        per_class = torch.nanmean(data.double(), dim=0)
+        mean = torch.nanmean(per_class).to(data.dtype)
+        if self.get_not_nans:
+            return mean, (~torch.isnan(per_class)).sum().to(data.dtype)
+        return mean
+
+
+def dice_metric(empty: str = "exclude", include_background: bool = False, **kwargs) -> DiceMetric:
+    """The Dice metric of fine-tuning validation and ``run evaluate``, by what a class empty in a case counts:
+
+    * ``exclude`` (default, nnU-Net's evaluator, the downstream protocol): absent from both prediction and reference
+      -> left out of the mean (``AbsentClassDiceMetric``);
+    * ``one``: absent from both -> 1.0 (UniSeg's upstream ``UniSeg_Metrics_test.py``;
+      ``DiceMetric(ignore_empty=False)``);
+    * ``monai``: MONAI's default ``DiceMetric()`` (``ignore_empty=True``): absent from the reference -> left out,
+      whatever the prediction.
+    """
+    if empty == "exclude":
+        return AbsentClassDiceMetric(include_background=include_background, **kwargs)
+    if empty == "one":
+        return DiceMetric(include_background=include_background, ignore_empty=False, **kwargs)
+    if empty == "monai":
+        return DiceMetric(include_background=include_background, **kwargs)
+    raise TrainingError(f"unknown dice_empty {empty!r}; choose one of {', '.join(DICE_EMPTY)}")
 
 
 def hd95_per_label(pred: torch.Tensor, label: torch.Tensor, labels: Mapping[int, str], spacing) -> dict[int, float]:

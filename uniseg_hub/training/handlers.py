@@ -172,6 +172,8 @@ class TrainingLog:
 def _swap_in(partial: Path, target: Path) -> None:
     """Replace folder ``target`` by ``partial`` with renames only: readers see the old or the new folder whole."""
     previous = target.with_name(f".{target.name}.previous")
+    if not target.exists() and previous.exists():  # an interrupted swap: the previous folder is the last good one
+        os.replace(previous, target)
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists():
         os.replace(target, previous)
@@ -185,7 +187,9 @@ class TrainingCheckpoint:
     * ``ckpt_dir/last/``: ``model.safetensors`` + ``config.json`` (``uniseg_hub.load_model`` reads them) and
       ``training_state.pt`` (trainer position, optimizer, scheduler, AMP scaler, best metric, history; tensors and
       numbers, readable with ``torch.load(weights_only=True)``), every ``save_interval`` epochs and at the end;
-    * ``ckpt_dir/best/``: the weights of the epoch with the best validation key metric so far.
+    * ``ckpt_dir/best/``: the weights of the epoch with the best validation key metric so far, when a validator is
+      given (train.json gives one only with ``validation_fraction`` > 0: cases carved from the training list). The
+      reported model is ``last/`` after the final epoch, as in the official protocol.
 
     Each folder is written beside its target and renamed into place, so an interruption leaves the previous
     checkpoint whole. ``resume``: continue from ``last/`` (epoch, iteration, optimizer, scheduler, best metric,
@@ -252,11 +256,19 @@ class TrainingCheckpoint:
         model = unwrap(self.network)
         partial = target.with_name(f".{target.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        save_folder(partial, model.state_dict(), model.config, source={**self.source, **extra_source})
-        if training_state is not None:
-            with atomic_path(partial / STATE_FILE) as tmp:
-                torch.save(dict(training_state), tmp)
-        _swap_in(partial, target)
+        try:
+            save_folder(partial, model.state_dict(), model.config, source={**self.source, **extra_source})
+            if training_state is not None:
+                with atomic_path(partial / STATE_FILE) as tmp:
+                    torch.save(dict(training_state), tmp)
+            _swap_in(partial, target)
+        except OSError as e:  # a full disk, a quota, a vanished mount: the previous checkpoint stays as it was
+            shutil.rmtree(partial, ignore_errors=True)
+            kept = next((f for f in (target, target.with_name(f".{target.name}.previous")) if f.is_dir()), None)
+            raise TrainingError(
+                f"could not write the checkpoint {target} ({e.strerror or e}); "
+                + (f"the previous checkpoint in {kept} is intact" if kept else "no earlier checkpoint exists")
+                + ": free disk space (or choose another --ckpt_dir) and continue with --resume true") from e
 
     def save_last(self, engine: Engine) -> None:
         if engine.state.iteration == self._saved_iteration:
@@ -275,14 +287,16 @@ class TrainingCheckpoint:
             "best_metric_epoch": int(self.validator.state.best_metric_epoch) if self.validator is not None else -1,
             "history": getattr(engine.state, "history", None) or {},
         }
-        self._write_folder(self.last_dir, {"epoch": engine.state.epoch, "iteration": engine.state.iteration}, state)
+        self._write_folder(self.last_dir, {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
+                                           "max_epochs": engine.state.max_epochs}, state)
 
     def save_best(self, evaluator: Engine) -> None:
         state = evaluator.state
         if state.best_metric_epoch != state.epoch or not is_main_process():
             return
-        self._write_folder(self.best_dir, {"epoch": state.epoch, state.key_metric_name: float(state.best_metric)},
-                           None)
+        self._write_folder(self.best_dir, {"epoch": state.epoch, state.key_metric_name: float(state.best_metric),
+                                           "selected_by": f"{state.key_metric_name} on the validation split carved "
+                                                          "from the training cases"}, None)
         log_main(f"epoch {state.epoch}: new best {state.key_metric_name} {state.best_metric:.4f} -> {self.best_dir}")
 
     def load(self, engine: Engine) -> None:
@@ -292,8 +306,14 @@ class TrainingCheckpoint:
                 f"nothing to resume: {self.last_dir} holds no checkpoint ({STATE_FILE}); start a new run without "
                 "--resume, or point --ckpt_dir at the run to continue"
             )
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        if state.get("format_version") != STATE_FORMAT:
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged pickle or zip
+            raise ResumeError(f"cannot read {folder / STATE_FILE} ({type(e).__name__}: {str(e)[:200]}); the "
+                              "checkpoint is damaged: start a new run without --resume (or with --overwrite true)") \
+                from None
+        if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT:
+            state = state if isinstance(state, dict) else {}
             raise ResumeError(f"{folder / STATE_FILE} has format {state.get('format_version')}, expected "
                               f"{STATE_FORMAT}; it was written by another uniseg-hub version")
         trainer = state["trainer"]
@@ -331,9 +351,15 @@ class TrainingCheckpoint:
                f", best metric {state['best_metric']:.4f} at epoch {state['best_metric_epoch']}")
 
 
-def log_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.PathLike | None = None) -> dict:
-    """Log the key metric and its per-class means (background excluded) after an evaluation; rank 0 also writes
-    them to ``output_dir/summary.json``. Returns ``{"metric": name, "mean": value, "per_class": {...}}``."""
+def log_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.PathLike | None = None,
+                provenance: Mapping | None = None) -> dict:
+    """Log the key metric and its per-class means (background excluded; a class left out of a case, NaN, is left out
+    of its mean) after an evaluation; rank 0 also writes them to ``output_dir/summary.json``.
+
+    ``provenance``: which checkpoint and which inference settings produced the numbers (``checkpoint_provenance``
+    plus e.g. ``tta``, ``overlap``); stored under ``evaluated_with`` and logged with the metric.
+    Returns ``{"metric": name, "mean": value, "cases": N, "per_class": {...}, "evaluated_with": {...}}``.
+    """
     state = evaluator.state
     name = state.key_metric_name
     details = state.metric_details.get(name) if getattr(state, "metric_details", None) else None
@@ -342,11 +368,17 @@ def log_metrics(evaluator: Engine, names: Sequence[str], output_dir: str | os.Pa
         values = torch.as_tensor(details, dtype=torch.float64)
         for index, class_name in enumerate(names[1:]):
             if index < values.shape[-1]:
-                per_class[class_name] = float(torch.nanmean(values[:, index]))
+                mean = float(torch.nanmean(values[:, index]))
+                per_class[class_name] = None if mean != mean else mean
     cases = int(details.shape[0]) if details is not None else None
-    summary = {"metric": name, "mean": float(state.metrics[name]), "cases": cases, "per_class": per_class}
-    lines = [f"{name}: {summary['mean']:.4f} over {summary['cases']} case(s)"]
-    lines += [f"  {class_name:<32} {value:.4f}" for class_name, value in per_class.items()]
+    mean = float(state.metrics[name])
+    summary = {"metric": name, "mean": None if mean != mean else mean, "cases": cases, "per_class": per_class,
+               "evaluated_with": dict(provenance or {})}
+    lines = [f"{name}: {mean:.4f} over {summary['cases']} case(s)"]
+    if provenance:
+        lines.append("  evaluated with " + ", ".join(f"{k}={v}" for k, v in provenance.items()))
+    lines += [f"  {class_name:<32} " + ("absent" if value is None else f"{value:.4f}")
+              for class_name, value in per_class.items()]
     log_main("\n".join(lines))
     if output_dir is not None and is_main_process():
         write_text_atomic(Path(output_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")

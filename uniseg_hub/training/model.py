@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,7 +64,8 @@ def build_network(num_classes: int, pretrained: str | os.PathLike | None = None,
 
 
 def load_trained(weights: str | os.PathLike, num_classes: int, device: str | torch.device = "cpu") -> nn.Module:
-    """A fine-tuned checkpoint folder (``best/`` or ``last/``) for evaluation, checked against ``num_classes``."""
+    """A fine-tuned checkpoint folder (``last/``, the final one, or ``best/``) for evaluation, checked against
+    ``num_classes``."""
     model = load_model(weights, device=device)
     found = model.config.num_classes
     if found != num_classes:
@@ -85,3 +88,27 @@ def ds_weights(levels: int = 5) -> list[float]:
         weights[-1] = 0.0
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def checkpoint_provenance(weights: str | os.PathLike) -> dict:
+    """What a reported Dice was computed with, as far as the checkpoint says: its path, the epoch it was written at
+    and whether that was the final epoch (``last/`` after a finished run: the official protocol's reported model),
+    or the validation metric that selected it (``best/``). A manifest name gives only its name."""
+    out: dict = {"weights": str(weights)}
+    folder = Path(weights)
+    config = folder / "config.json"
+    if not config.is_file():
+        return out
+    try:
+        source = json.loads(config.read_text()).get("source") or {}
+    except (OSError, json.JSONDecodeError):
+        source = {}
+    for key in ("epoch", "max_epochs", "selected_by"):
+        if key in source:
+            out[key] = source[key]
+    metrics = {k: v for k, v in source.items() if k.startswith("val_")}
+    if metrics:
+        out["selection_metric"] = metrics
+    if "epoch" in out and "max_epochs" in out:
+        out["final"] = out["epoch"] == out["max_epochs"]
+    return out
