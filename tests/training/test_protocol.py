@@ -130,6 +130,11 @@ def test_by_default_nothing_is_selected_and_the_final_checkpoint_is_evaluated_wi
     assert get("weights").endswith("/last") and get("tta") is True and get("dice_empty") == "exclude"
     assert get("eval_split") == "validation" and {c["image"] for c in get("evaluation#data")} == test_cases
     assert get("validate#data") == [] and len(get("train#data")) == 2
+    # the official window and resampling score the test cases, as inference.json runs them
+    assert wf.parser["evaluation"]["evaluator"]["inferer"].replace("::", "#") == "@validate#inferer"
+    assert type(get("validate#inferer")).__name__ == "NnUNetSlidingWindowInferer"
+    assert "ResampleToSpacingd" in [type(t).__name__ for t in get("evaluation#preprocessing").transforms]
+    assert "Spacingd" not in [type(t).__name__ for t in get("evaluation#preprocessing").transforms]
     assert not test_cases & {c["image"] for c in get("train#data")}
     handlers = [type(h).__name__ for h in get("train#handlers")]
     assert "ValidationHandler" not in handlers and "TrainingCheckpoint" in handlers
