@@ -240,7 +240,8 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
 def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model: str = "uniseg-11task",
             device=None, tta: bool = True, overlap: float = 0.5, probabilities: bool = False, preview: bool = True,
             overwrite: bool = False, progress: bool = True, modality: str = "CT", resampling: str = "nnunet",
-            nan: str = "zero", normalization_mask: str = "training", json: bool = False) -> None:
+            nan: str = "zero", normalization_mask: str = "training", format: str = "nifti",
+            json: bool = False) -> None:
     """Segment a scan for one task or all tasks: label map, PNG preview and label volumes.
 
     INPUT is a NIfTI file, a DICOM series folder, or one file per channel for multi-channel tasks (brats: T1, T1ce,
@@ -266,6 +267,9 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         nan: zero (official: NaN voxels count as 0, with a warning) or refuse (an error).
         normalization_mask: training (BraTS z-scored over non-zero voxels, as the weights were trained) or none
             (over the whole image, as the official predict.py does).
+        format: nifti (the label map with its colour tables for 3D Slicer and ITK-SNAP), seg.nrrd (also a 3D Slicer
+            segmentation file with names and colours) or dicom-seg (also a DICOM Segmentation referencing the
+            input series; DICOM series input only, needs uniseg-hub[dicom]).
         json: print the result as JSON.
     """
     from .app.predict import predict as run
@@ -274,7 +278,8 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
     quiet()
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                  probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
-                 modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask)
+                 modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
+                 format=format)
     emit(result.as_dict(), json, _describe(result))
 
 
@@ -282,6 +287,8 @@ def _describe(result) -> str:
     lines = [f"{result.task}: {result.label_map} ({result.seconds:.1f} s)"]
     lines += [f"  {name}: {path}" for name, path in (("preview", result.preview), ("volumes", result.volumes_csv),
                                                       ("probabilities", result.probabilities)) if path]
+    lines += [f"  {name}: {path}" for name, path in (("segmentation", result.converted),
+                                                      ("colours", result.colour_table)) if path]
     lines += [f"  {r['label']:>2} {r['name']:<28} {r['volume_ml']:>10.1f} mL" for r in result.volumes if r["voxels"]]
     return "\n".join(lines)
 

@@ -574,6 +574,8 @@ class PredictOptions:
         modality: ``CT`` or ``MR``, the group ``task="all"`` takes for 1-channel input.
         resampling, nan, normalization_mask: the official behaviour by default, deviations on request
             (``RESAMPLING``, ``NAN_POLICIES``, ``NORMALIZATION_MASKS``).
+        format: the label map's extra format beside the NIfTI (``FORMATS``): ``nifti`` (none), ``seg.nrrd`` (3D
+            Slicer) or ``dicom-seg`` (a DICOM Segmentation; DICOM series input only).
     """
 
     task: str = "liver"
@@ -591,6 +593,7 @@ class PredictOptions:
     resampling: str = "nnunet"
     nan: str = "zero"
     normalization_mask: str = "training"
+    format: str = "nifti"
 
     def __post_init__(self):
         import os
@@ -615,6 +618,7 @@ class PredictOptions:
         values["resampling"] = choice(self.resampling, "resampling", RESAMPLING)
         values["nan"] = choice(self.nan, "nan", NAN_POLICIES)
         values["normalization_mask"] = choice(self.normalization_mask, "normalization_mask", NORMALIZATION_MASKS)
+        values["format"] = choice(self.format, "format", FORMATS)
         values["device"] = None if self.device is None else _device(self.device)
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -629,6 +633,9 @@ one error."""
 NORMALIZATION_MASKS = ("training", "none")
 """BraTS z-scoring: ``training`` over the non-zero voxels, as the weights were trained; ``none`` over the whole
 image, as the official ``predict.py`` does (it disables the masks)."""
+FORMATS = ("nifti", "seg.nrrd", "dicom-seg")
+"""The label map's formats: ``nifti`` alone (always written, with colour tables beside it), or also a 3D Slicer
+``.seg.nrrd`` or a DICOM Segmentation (``app.formats``)."""
 
 
 def choice(value, name: str, choices: tuple[str, ...]) -> str:

@@ -44,6 +44,9 @@ class Prediction:
     volumes_json: str | None = None
     volumes_csv: str | None = None
     volumes: list[dict] = field(default_factory=list)
+    colour_table: str | None = None  # 3D Slicer .ctbl beside the label map (app.formats)
+    itksnap_labels: str | None = None  # ITK-SNAP label description file
+    converted: str | None = None  # the --format file (.seg.nrrd or DICOM SEG), None for nifti
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +94,7 @@ def predict(
     resampling: str = "nnunet",
     nan: str = "zero",
     normalization_mask: str = "training",
+    format: str = "nifti",
 ) -> Prediction:
     """Segment one scan (one file, or one file per channel, or a DICOM series folder) for a task or ``"all"``.
 
@@ -99,15 +103,21 @@ def predict(
     ``<case>`` is the first input's name without its image suffix (``pipeline.cases.CaseLayout``). Existing outputs
     are an error unless ``overwrite``; every file is written atomically. The options are checked first
     (``config.PredictOptions``, ``ConfigError`` naming the option); ``resampling``, ``nan`` and
-    ``normalization_mask`` default to the official pipeline's behaviour.
+    ``normalization_mask`` default to the official pipeline's behaviour. Beside the label map go its colour tables
+    (``_colors.ctbl``, ``_itksnap_labels.txt``) and, with ``format``, a ``.seg.nrrd`` or a DICOM SEG
+    (``_seg.dcm``, DICOM series input only): ``app.formats``.
     """
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                              modality=modality, sw_batch_size=sw_batch_size, resampling=resampling, nan=nan,
-                             normalization_mask=normalization_mask)
+                             normalization_mask=normalization_mask, format=format)
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
+    if options.format == "dicom-seg":  # output formats (app.formats)
+        from .formats import check_dicom_seg_input
+
+        check_dicom_seg_input(inputs)
     start = time.perf_counter()
     workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
     parsed = lambda name: _typed(workflow.parser.get_parsed_content, name)  # noqa: E731
@@ -115,7 +125,7 @@ def predict(
     planned = {"label_map": layout.filename(subject=inputs[0])}  # the name SaveImaged will give (same layout)
     if options.probabilities:
         planned["probabilities"] = parsed("probabilities_layout").filename(subject=inputs[0])
-    planned.update(companions(layout, planned["label_map"], options.preview))
+    planned.update(companions(layout, planned["label_map"], options.preview, options.format))
     existing = [p for p in planned.values() if os.path.exists(p)]
     if existing and not options.overwrite:
         raise InputError(f"{existing[0]} already exists; choose another --out folder or pass --overwrite")
@@ -128,23 +138,34 @@ def predict(
 
     result = Prediction(label_map=case["label_map"], task=postfix, seconds=0.0,
                         probabilities=case.get("probabilities"))
-    files = companions(layout, result.label_map, options.preview)
+    files = companions(layout, result.label_map, options.preview, options.format)
     result.volumes = label_volumes(case["labels"], case["affine"], names)
     write_volume_tables(result.volumes, Path(files["volumes_json"]), Path(files["volumes_csv"]))
     result.volumes_json, result.volumes_csv = files["volumes_json"], files["volumes_csv"]
+    # output formats and preview (app.formats, app.report): colour tables, --format file, titled preview
+    from .formats import preview_title, write_label_files
+
+    model, tasks = parsed("network"), parsed("tasks")
+    result.__dict__.update(write_label_files(case, names, files, options.format, inputs, model,
+                                             options.weights))
     if options.preview:
         render_preview(case["source"], case["labels"], case["affine"], names, Path(files["preview"]),
-                       title=f"UniSeg: {postfix}")
+                       title=preview_title(inputs[0], postfix, model, options.weights),
+                       window="ct" if tasks[0].channels[0] == "CT" else "percentile")
         result.preview = files["preview"]
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
-def companions(layout, label_map: str, preview: bool = True) -> dict[str, str]:
-    """The files predict writes beside the label map, named after it (``CaseLayout.companion``)."""
+def companions(layout, label_map: str, preview: bool = True, fmt: str = "nifti") -> dict[str, str]:
+    """The files predict writes beside the label map, named after it (``CaseLayout.companion``; the colour tables
+    and the ``fmt`` file: ``app.formats.output_paths``)."""
+    from .formats import output_paths
+
     names = {"preview": "preview.png"} if preview else {}
     names.update(volumes_json="volumes.json", volumes_csv="volumes.csv")
-    return {key: layout.companion(label_map, name) for key, name in names.items()}
+    return {**{key: layout.companion(label_map, name) for key, name in names.items()},
+            **output_paths(label_map, fmt)}
 
 
 def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
