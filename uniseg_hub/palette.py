@@ -16,14 +16,17 @@ sub-regions, the hepatic tumour of MSD, the "hepatic vessel" label that holds he
 segment is coded with the nearest general concept (Neoplasm, Blood Vessel) and its anatomic region, and the
 label's own name travels as the segment's name. Unknown labels are coded as generic Tissue.
 
-Also here: the colour tables 3D Slicer (``.ctbl``) and ITK-SNAP (label description file) read, as text.
+Also here: the colour tables 3D Slicer (``.ctbl``) and ITK-SNAP (label description file) read, written beside
+every label map (by the bundle's ``pipeline.label_tables.SaveColourTablesd``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .files import write_text_atomic
 from .tasks import TASKS
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -140,3 +143,22 @@ def itksnap_label_file(label_names: Mapping[int, str]) -> str:
 def _token(name: str) -> str:
     """A name as one whitespace-free token (the ``.ctbl`` format separates fields by blanks)."""
     return "_".join(name.split()) or "unnamed"
+
+
+def colour_table_paths(label_map: str | os.PathLike) -> dict[str, str]:
+    """The colour tables beside a label map: ``out/SCAN_liver.nii.gz`` gives ``out/SCAN_liver_colors.ctbl`` (3D
+    Slicer) and ``out/SCAN_liver_itksnap_labels.txt`` (ITK-SNAP)."""
+    base = os.fspath(label_map)
+    for suffix in (".nii.gz", ".nii"):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return {"colour_table": f"{base}_colors.ctbl", "itksnap_labels": f"{base}_itksnap_labels.txt"}
+
+
+def write_colour_tables(label_map: str | os.PathLike, label_names: Mapping[int, str]) -> dict[str, str]:
+    """Write the colour tables of ``label_names`` beside ``label_map`` (atomically); their paths."""
+    paths = colour_table_paths(label_map)
+    write_text_atomic(paths["colour_table"], slicer_colour_table(label_names, os.path.basename(label_map)))
+    write_text_atomic(paths["itksnap_labels"], itksnap_label_file(label_names))
+    return paths

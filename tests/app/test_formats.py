@@ -13,14 +13,13 @@ from dicom_series import write_series
 from uniseg_hub.app.formats import (
     output_paths,
     source_frames,
-    write_colour_tables,
     write_dicom_seg,
     write_seg_nrrd,
 )
 from uniseg_hub.app.predict import predict
 from uniseg_hub.config import PredictOptions
 from uniseg_hub.errors import ConfigError, InputError
-from uniseg_hub.palette import PALETTE, STRUCTURES, segment, segments
+from uniseg_hub.palette import PALETTE, STRUCTURES, segment, segments, write_colour_tables
 from uniseg_hub.tasks import TASKS, get_task, merged_label_names
 
 from scans import crop, sample
@@ -79,15 +78,19 @@ def test_the_codes_are_the_dicom_standards_snomed_concepts():
 
 def test_the_colour_tables_list_every_label_with_its_name_and_colour(tmp_path):
     names = merged_label_names("CT")
-    write_colour_tables(names, tmp_path / "a.ctbl", tmp_path / "a.txt")
-    rows = [line.split() for line in (tmp_path / "a.ctbl").read_text().splitlines() if not line.startswith("#")]
+    paths = write_colour_tables(tmp_path / "a_all.nii.gz", names)
+    assert paths == {"colour_table": str(tmp_path / "a_all_colors.ctbl"),
+                     "itksnap_labels": str(tmp_path / "a_all_itksnap_labels.txt")}
+    rows = [line.split() for line in (tmp_path / "a_all_colors.ctbl").read_text().splitlines()
+            if not line.startswith("#")]
     assert rows[0] == ["0", "background", "0", "0", "0", "0"]
     expected = {s.value: s for s in segments(names)}
     assert len(rows) - 1 == len(expected) == 12
     for value, name, r, g, b, a in rows[1:]:
         s = expected[int(value)]
         assert name == s.name.replace(" ", "_") and (int(r), int(g), int(b)) == s.colour and a == "255"
-    snap = [shlex.split(line) for line in (tmp_path / "a.txt").read_text().splitlines() if not line.startswith("#")]
+    snap = [shlex.split(line) for line in (tmp_path / "a_all_itksnap_labels.txt").read_text().splitlines()
+            if not line.startswith("#")]
     assert snap[0][-1] == "Clear Label" and len(snap) == 13
     for value, r, g, b, alpha, visible, mesh, name in snap[1:]:
         s = expected[int(value)]

@@ -1,7 +1,7 @@
 """Label maps in the formats viewers and clinical systems open, with names, colours and codes inside.
 
-Beside every label map predict writes two colour tables (``palette``): ``<case>_<task>_colors.ctbl`` for 3D Slicer
-and ``<case>_<task>_itksnap_labels.txt`` for ITK-SNAP. ``--format`` adds one file:
+Beside every label map the bundle writes two colour tables (``palette``): ``<case>_<task>_colors.ctbl`` for 3D
+Slicer and ``<case>_<task>_itksnap_labels.txt`` for ITK-SNAP. ``predict --format`` adds one file:
 
 * ``seg.nrrd``: ``<case>_<task>.seg.nrrd``, 3D Slicer's segmentation file (a NRRD label map in LPS space whose
   header names every segment, its label value, colour and DICOM terminology), written with ``pynrrd``;
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, UnisegHubError
-from ..files import atomic_path, write_text_atomic
-from ..palette import Segment, itksnap_label_file, segments, slicer_colour_table
+from ..files import atomic_path
+from ..palette import Segment, colour_table_paths, segments
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """MONAI's affines map voxels to RAS; DICOM and NRRD files here are in LPS."""
@@ -39,23 +39,13 @@ TOLERANCE = 0.05
 def output_paths(label_map: str, fmt: str) -> dict[str, str]:
     """The files written beside ``label_map`` (``out/SCAN_liver.nii.gz``): the colour tables and the file of
     ``fmt`` (none for ``nifti``)."""
-    base = str(label_map)
-    for suffix in (".nii.gz", ".nii"):
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    paths = {"colour_table": f"{base}_colors.ctbl", "itksnap_labels": f"{base}_itksnap_labels.txt"}
+    paths = colour_table_paths(label_map)
+    base = paths["colour_table"][: -len("_colors.ctbl")]
     if fmt == "seg.nrrd":
         paths["converted"] = f"{base}.seg.nrrd"
     elif fmt == "dicom-seg":
         paths["converted"] = f"{base}_seg.dcm"
     return paths
-
-
-def write_colour_tables(label_names: Mapping[int, str], slicer_path, itksnap_path, title: str = "") -> None:
-    """The 3D Slicer and ITK-SNAP colour tables of ``label_names``."""
-    write_text_atomic(slicer_path, slicer_colour_table(label_names, title or Path(slicer_path).name))
-    write_text_atomic(itksnap_path, itksnap_label_file(label_names))
 
 
 def _ascii(text: str) -> str:
@@ -239,10 +229,9 @@ def preview_title(first_input, task: str, model, source: str = "") -> str:
 
 def write_label_files(case: Mapping, label_names: Mapping[int, str], files: Mapping[str, str], fmt: str, inputs,
                       model, source: str = "") -> dict:
-    """Beside the label map of ``case`` (``predict``'s ``case_outputs``): the colour tables and the ``fmt`` file, at
-    ``files`` (``output_paths``); returns their paths as ``Prediction`` fields."""
-    write_colour_tables(label_names, files["colour_table"], files["itksnap_labels"],
-                        title=Path(case["label_map"]).name)
+    """Beside the label map of ``case`` (``predict``'s ``case_outputs``): the ``fmt`` file, at ``files``
+    (``output_paths``); returns its path and the colour tables' (the bundle wrote them: ``SaveColourTablesd``) as
+    ``Prediction`` fields."""
     out = {"colour_table": files["colour_table"], "itksnap_labels": files["itksnap_labels"]}
     if fmt == "seg.nrrd":
         write_seg_nrrd(case["labels"], case["affine"], label_names, files["converted"])
