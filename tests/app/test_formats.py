@@ -275,3 +275,26 @@ def test_the_command_line_refuses_a_format_in_one_line(tmp_path, capsys, fmt, me
         cli.main(["predict", str(scan), "--out", str(tmp_path / "out"), "--format", fmt])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and err.startswith(message) and "\n" not in err, err
+
+
+def test_dicom_seg_numbers_segments_from_one_whatever_the_label_values(tmp_path):
+    pytest.importorskip("highdicom")
+    labels = labelled() * 0
+    labels[2:5, 3:7, 1:4] = 14  # the MR all-tasks map: prostate 13, BraTS 14-16
+    labels[6:9, 1:3, 2] = 16
+    labels[0, 0, 0] = 99  # a value without a name is left out
+    names = merged_label_names("MR")
+    series = series_for(labels, AFFINE, tmp_path / "series")
+    write_dicom_seg(labels, AFFINE, names, series, tmp_path / "seg.dcm")
+    seg = read_seg(tmp_path / "seg.dcm")
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == [
+        (1, "prostate: prostate"), (2, "brats: edema"), (3, "brats: non-enhancing tumour core"),
+        (4, "brats: enhancing tumour")]
+    from pydicom import dcmread
+
+    instances = sorted((dcmread(p) for p in series.iterdir()), key=lambda ds: int(ds.InstanceNumber))
+    expected = np.select([labels == 14, labels == 16], [2, 4], 0)
+    for k, ds in enumerate(instances):
+        frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[str(ds.SOPInstanceUID)],
+                                                  combine_segments=True, skip_overlap_checks=True)[0]
+        np.testing.assert_array_equal(frame, expected[:, :, k].T, err_msg=f"slice {k}")

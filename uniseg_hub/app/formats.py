@@ -173,7 +173,8 @@ def write_dicom_seg(labels, affine, label_names: Mapping[int, str], series_folde
                     model: str = "UniSeg", software_version: str = "", description: str = "UniSeg") -> dict:
     """A DICOM Segmentation of ``labels`` (the (x, y, z) label map on the grid of the RAS ``affine``) that
     references the instances of the DICOM series in ``series_folder``: one binary segment per label of
-    ``label_names``, with its name, codes and recommended display colour. Returns what it referenced."""
+    ``label_names``, with its name, codes and recommended display colour; segment ``n`` is the ``n``-th label in
+    value order. Returns what it referenced."""
     hd = _highdicom()
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -186,20 +187,21 @@ def write_dicom_seg(labels, affine, label_names: Mapping[int, str], series_folde
                                                    family=codes.cid7162.ArtificialIntelligence)
     described = segments(label_names)
     descriptions = [hd.seg.SegmentDescription(
-        segment_number=s.value, segment_label=s.name[:64], segmented_property_category=_coded(hd, s.category),
+        segment_number=number, segment_label=s.name[:64], segmented_property_category=_coded(hd, s.category),
         segmented_property_type=_coded(hd, s.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm, anatomic_regions=[_coded(hd, s.region)] if s.region else None,
-        display_color=hd.color.CIELabColor.from_rgb(*s.colour)) for s in described]
-    if [s.value for s in described] != list(range(1, len(described) + 1)):
-        raise UnisegHubError(f"DICOM SEG segments are numbered 1..N; the labels are {[s.value for s in described]}")
-    frames[frames > len(described)] = 0  # values no label names (none for the bundle's maps)
+        display_color=hd.color.CIELabColor.from_rgb(*s.colour)) for number, s in enumerate(described, 1)]
+    number = np.zeros(256, np.uint8)  # DICOM numbers segments 1..N: label values (13-16 in the MR all-tasks map)
+    for n, s in enumerate(described, 1):  # become segment numbers; values no label names are left out
+        number[s.value] = n
+    frames = number[frames]
     seg = hd.seg.Segmentation(
         source_images=instances, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=9001,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="uniseg-hub",
         manufacturer_model_name=model[:64], software_versions=software_version or "unknown",
         device_serial_number="none", series_description=description[:64], content_label="UNISEG",
-        content_description=description[:64])
+        content_description=description[:64], omit_empty_frames=bool(frames.any()))
     with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
     return {"series_instance_uid": str(instances[0].SeriesInstanceUID), "instances": len(instances)}
