@@ -635,7 +635,7 @@ NORMALIZATION_MASKS = ("training", "none")
 image, as the official ``predict.py`` does (it disables the masks)."""
 FORMATS = ("nifti", "seg.nrrd", "dicom-seg")
 """The label map's formats: ``nifti`` alone (always written, with colour tables beside it), or also a 3D Slicer
-``.seg.nrrd`` or a DICOM Segmentation (``app.formats``)."""
+``.seg.nrrd`` or a DICOM Segmentation (``pipeline.label_files``)."""
 
 
 def choice(value, name: str, choices: tuple[str, ...]) -> str:

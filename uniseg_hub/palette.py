@@ -17,7 +17,7 @@ segment is coded with the nearest general concept (Neoplasm, Blood Vessel) and i
 label's own name travels as the segment's name. Unknown labels are coded as generic Tissue.
 
 Also here: the colour tables 3D Slicer (``.ctbl``) and ITK-SNAP (label description file) read, written beside
-every label map (by the bundle's ``pipeline.label_tables.SaveColourTablesd``).
+every label map (by the bundle's ``pipeline.label_files.SaveColourTablesd``).
 """
 
 from __future__ import annotations

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from dicom_series import write_series
 
-from uniseg_hub.app.formats import (
+from uniseg_hub.app.predict import predict
+from uniseg_hub.config import PredictOptions
+from uniseg_hub.errors import ConfigError, InputError
+from uniseg_hub.palette import PALETTE, STRUCTURES, segment, segments, write_colour_tables
+from uniseg_hub.pipeline.label_files import (
     output_paths,
     source_frames,
     write_dicom_seg,
     write_seg_nrrd,
 )
-from uniseg_hub.app.predict import predict
-from uniseg_hub.config import PredictOptions
-from uniseg_hub.errors import ConfigError, InputError
-from uniseg_hub.palette import PALETTE, STRUCTURES, segment, segments, write_colour_tables
 from uniseg_hub.tasks import TASKS, get_task, merged_label_names
 
 from scans import crop, sample
@@ -298,3 +298,16 @@ def test_dicom_seg_numbers_segments_from_one_whatever_the_label_values(tmp_path)
         frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[str(ds.SOPInstanceUID)],
                                                   combine_segments=True, skip_overlap_checks=True)[0]
         np.testing.assert_array_equal(frame, expected[:, :, k].T, err_msg=f"slice {k}")
+
+
+def test_the_bundles_format_step_checks_its_datalist_when_built(tmp_path):
+    from uniseg_hub.pipeline.label_files import SaveLabelFormatd
+
+    series = tmp_path / "series"
+    series.mkdir()
+    SaveLabelFormatd("pred", format="dicom-seg", datalist=[{"image": str(series)}])  # a DICOM folder: fine
+    with pytest.raises(InputError, match="needs a DICOM series folder"):
+        SaveLabelFormatd("pred", format="dicom-seg", datalist=[{"image": str(series)}, {"image": "b.nii.gz"}])
+    with pytest.raises(ConfigError, match="format must be one of"):
+        SaveLabelFormatd("pred", format="rtstruct")
+    assert SaveLabelFormatd("pred", datalist=[{"image": "b.nii.gz"}])({"pred": 1}) == {"pred": 1}  # nifti: nothing

@@ -8,11 +8,18 @@ import pytest
 from dicom_series import write_series
 
 from uniseg_hub.app import report
-from uniseg_hub.app.formats import model_version, preview_title
 from uniseg_hub.app.predict import predict
-from uniseg_hub.app.report import OVERLAY_ALPHA, PREVIEW_SIZE, SOFT_TISSUE, display_window, render_preview
+from uniseg_hub.app.report import (
+    OVERLAY_ALPHA,
+    PREVIEW_SIZE,
+    SOFT_TISSUE,
+    display_window,
+    preview_title,
+    render_preview,
+)
 from uniseg_hub.errors import ConfigError
 from uniseg_hub.palette import PALETTE
+from uniseg_hub.pipeline.label_files import model_version
 from uniseg_hub.tasks import get_task, merged_label_names
 
 from scans import crop, sample

@@ -44,7 +44,7 @@ class Prediction:
     volumes_json: str | None = None
     volumes_csv: str | None = None
     volumes: list[dict] = field(default_factory=list)
-    colour_table: str | None = None  # 3D Slicer .ctbl beside the label map (app.formats)
+    colour_table: str | None = None  # 3D Slicer .ctbl beside the label map (pipeline.label_files)
     itksnap_labels: str | None = None  # ITK-SNAP label description file
     converted: str | None = None  # the --format file (.seg.nrrd or DICOM SEG), None for nifti
 
@@ -105,7 +105,7 @@ def predict(
     (``config.PredictOptions``, ``ConfigError`` naming the option); ``resampling``, ``nan`` and
     ``normalization_mask`` default to the official pipeline's behaviour. Beside the label map go its colour tables
     (``_colors.ctbl``, ``_itksnap_labels.txt``) and, with ``format``, a ``.seg.nrrd`` or a DICOM SEG
-    (``_seg.dcm``, DICOM series input only): ``app.formats``.
+    (``_seg.dcm``, DICOM series input only), written by the bundle (``pipeline.label_files``).
     """
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
@@ -114,10 +114,10 @@ def predict(
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
-    if options.format == "dicom-seg":  # output formats (app.formats)
-        from .formats import check_dicom_seg_input
+    if options.format == "dicom-seg":  # output formats (pipeline.label_files): checked before the model loads
+        from ..pipeline.label_files import check_format_inputs
 
-        check_dicom_seg_input(inputs)
+        check_format_inputs(options.format, inputs)
     start = time.perf_counter()
     workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
     parsed = lambda name: _typed(workflow.parser.get_parsed_content, name)  # noqa: E731
@@ -142,12 +142,12 @@ def predict(
     result.volumes = label_volumes(case["labels"], case["affine"], names)
     write_volume_tables(result.volumes, Path(files["volumes_json"]), Path(files["volumes_csv"]))
     result.volumes_json, result.volumes_csv = files["volumes_json"], files["volumes_csv"]
-    # output formats and preview (app.formats, app.report): colour tables, --format file, titled preview
-    from .formats import preview_title, write_label_files
+    # output formats (written by the bundle: pipeline.label_files) and the titled, windowed preview
+    from .report import preview_title
 
     model, tasks = parsed("network"), parsed("tasks")
-    result.__dict__.update(write_label_files(case, names, files, options.format, inputs, model,
-                                             options.weights))
+    result.colour_table, result.itksnap_labels = files["colour_table"], files["itksnap_labels"]
+    result.converted = case.get("converted")
     if options.preview:
         render_preview(case["source"], case["labels"], case["affine"], names, Path(files["preview"]),
                        title=preview_title(inputs[0], postfix, model, options.weights),
@@ -159,8 +159,8 @@ def predict(
 
 def companions(layout, label_map: str, preview: bool = True, fmt: str = "nifti") -> dict[str, str]:
     """The files predict writes beside the label map, named after it (``CaseLayout.companion``; the colour tables
-    and the ``fmt`` file: ``app.formats.output_paths``)."""
-    from .formats import output_paths
+    and the ``fmt`` file: ``pipeline.label_files.output_paths``)."""
+    from ..pipeline.label_files import output_paths
 
     names = {"preview": "preview.png"} if preview else {}
     names.update(volumes_json="volumes.json", volumes_csv="volumes.csv")
@@ -177,6 +177,7 @@ def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
                  "keep_source": options.preview, "sw_batch_size": options.sw_batch_size,
                  "resampling": options.resampling, "nan": options.nan,
                  "normalization_mask": options.normalization_mask}
+    overrides["format"] = options.format
     if options.device is not None:
         overrides["device"] = f"$torch.device({options.device!r})"
     return overrides
@@ -245,6 +246,8 @@ def case_outputs(item: dict) -> dict:
            "affine": np.asarray(pred.affine.detach().cpu(), dtype=np.float64)}
     if "probabilities" in item:
         out["probabilities"] = str(item["probabilities"].meta["saved_to"])
+    if "converted_to" in pred.meta:  # pipeline.label_files.SaveLabelFormatd
+        out["converted"] = str(pred.meta["converted_to"])
     if "source" in item:
         out["source"] = np.asarray(item["source"].detach().cpu())
     return out

@@ -238,3 +238,11 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
               "legend": None if legend is None else {"box": pixels(legend), "fontsize": font}}
     plt.close(figure)
     return result
+
+
+def preview_title(first_input, task: str, model, source: str = "") -> str:
+    """The preview's title: the case, the task and the model version (``pipeline.label_files.model_version``)."""
+    from ..pipeline.cases import case_name
+    from ..pipeline.label_files import model_version
+
+    return f"{case_name(first_input)}  |  task: {task}  |  model: {model_version(model, source)}"

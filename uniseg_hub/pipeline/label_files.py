@@ -1,7 +1,9 @@
-"""Label maps in the formats viewers and clinical systems open, with names, colours and codes inside.
+"""Label maps in the formats viewers and clinical systems open, with names, colours and codes inside: the bundle's
+last postprocessing steps (``inference.json``), after ``SaveImaged`` wrote the NIfTI label map.
 
-Beside every label map the bundle writes two colour tables (``palette``): ``<case>_<task>_colors.ctbl`` for 3D
-Slicer and ``<case>_<task>_itksnap_labels.txt`` for ITK-SNAP. ``predict --format`` adds one file:
+Beside every label map go two colour tables (``SaveColourTablesd``, ``palette``): ``<case>_<task>_colors.ctbl``
+for 3D Slicer and ``<case>_<task>_itksnap_labels.txt`` for ITK-SNAP. The option ``format`` (``predict --format``,
+``config.FORMATS``) adds one file (``SaveLabelFormatd``):
 
 * ``seg.nrrd``: ``<case>_<task>.seg.nrrd``, 3D Slicer's segmentation file (a NRRD label map in LPS space whose
   header names every segment, its label value, colour and DICOM terminology), written with ``pynrrd``;
@@ -24,10 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from monai.transforms import MapTransform
 
 from ..errors import InputError, UnisegHubError
 from ..files import atomic_path
-from ..palette import Segment, colour_table_paths, segments
+from ..palette import Segment, colour_table_paths, segments, write_colour_tables
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """MONAI's affines map voxels to RAS; DICOM and NRRD files here are in LPS."""
@@ -97,9 +100,15 @@ def _highdicom():
     return highdicom
 
 
-def check_dicom_seg_input(inputs) -> None:
-    """``--format dicom-seg`` needs one DICOM series folder as input (the SEG references its instances) and
-    highdicom; one error otherwise, before anything runs."""
+def check_format_inputs(fmt: str, inputs) -> None:
+    """``dicom-seg`` needs one DICOM series folder per case (the SEG references its instances) and highdicom; one
+    error otherwise, before anything runs. ``inputs``: the input paths (a case's files), or a bundle datalist."""
+    if fmt != "dicom-seg":
+        return
+    if inputs and isinstance(inputs[0], Mapping):
+        for item in inputs:
+            check_format_inputs(fmt, item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]])
+        return
     if len(inputs) != 1 or not os.path.isdir(str(inputs[0])):
         raise InputError(f"--format dicom-seg needs a DICOM series folder as input (the segmentation references its "
                          f"images), got {', '.join(map(str, inputs))}; use --format nifti or --format seg.nrrd")
@@ -222,27 +231,57 @@ def model_version(model, source: str = "") -> str:
     return f"{folder} (sha256 {str(digest)[:8]})" if digest else folder
 
 
-def preview_title(first_input, task: str, model, source: str = "") -> str:
-    """The preview's title: the case, the task and the model version."""
-    from ..pipeline.cases import case_name
+class SaveColourTablesd(MapTransform):
+    """After ``SaveImaged(savepath_in_metadict=True)``: beside each saved label map (its ``meta["saved_to"]``), the
+    colour tables of ``label_names`` (label value to name), written atomically."""
 
-    return f"{case_name(first_input)}  |  task: {task}  |  model: {model_version(model, source)}"
+    def __init__(self, keys, label_names: Mapping[int, str], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.label_names = {int(v): str(n) for v, n in dict(label_names).items()}
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            saved = getattr(d[key], "meta", {}).get("saved_to")
+            if saved:
+                write_colour_tables(str(saved), self.label_names)
+        return d
 
 
-def write_label_files(case: Mapping, label_names: Mapping[int, str], files: Mapping[str, str], fmt: str, inputs,
-                      model, source: str = "") -> dict:
-    """Beside the label map of ``case`` (``predict``'s ``case_outputs``): the ``fmt`` file, at ``files``
-    (``output_paths``); returns its path and the colour tables' (the bundle wrote them: ``SaveColourTablesd``) as
-    ``Prediction`` fields."""
-    out = {"colour_table": files["colour_table"], "itksnap_labels": files["itksnap_labels"]}
-    if fmt == "seg.nrrd":
-        write_seg_nrrd(case["labels"], case["affine"], label_names, files["converted"])
-        out["converted"] = files["converted"]
-    elif fmt == "dicom-seg":
+class SaveLabelFormatd(MapTransform):
+    """After ``SaveImaged(savepath_in_metadict=True)``: the saved label map also as ``format`` (``config.FORMATS``;
+    ``nifti`` writes nothing more), at ``output_paths(saved_to, format)["converted"]``. ``dicom-seg`` references
+    the case's input series (``meta["filename_or_obj"]``); ``datalist``, if given, is checked for DICOM series
+    folders when the transform is built (``check_format_inputs``), before anything runs."""
+
+    def __init__(self, keys, format: str = "nifti", label_names: Mapping[int, str] | None = None,
+                 model: str = "UniSeg", datalist=None, allow_missing_keys: bool = False):
+        from ..config import FORMATS, choice
+
+        super().__init__(keys, allow_missing_keys)
+        self.format = choice(format, "format", FORMATS)
+        self.label_names = {int(v): str(n) for v, n in dict(label_names or {}).items()}
+        self.model = str(model)
+        if datalist is not None:
+            check_format_inputs(self.format, list(datalist))
+
+    def __call__(self, data):
+        d = dict(data)
+        if self.format == "nifti":
+            return d
         from .. import __version__
 
-        write_dicom_seg(case["labels"], case["affine"], label_names, inputs[0], files["converted"],
-                        model=model_version(model, source), software_version=f"uniseg-hub {__version__}",
-                        description=f"UniSeg {Path(case['label_map']).name}")
-        out["converted"] = files["converted"]
-    return out
+        for key in self.key_iterator(d):
+            pred = d[key]
+            saved = str(pred.meta["saved_to"])
+            path = output_paths(saved, self.format)["converted"]
+            labels = np.asarray(pred.detach().cpu()[0]).astype(np.uint8)
+            affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
+            if self.format == "seg.nrrd":
+                write_seg_nrrd(labels, affine, self.label_names, path)
+            else:
+                write_dicom_seg(labels, affine, self.label_names, str(pred.meta["filename_or_obj"]), path,
+                                model=self.model, software_version=f"uniseg-hub {__version__}",
+                                description=f"UniSeg {Path(path).name[: -len('_seg.dcm')]}")
+            pred.meta["converted_to"] = path
+        return d
