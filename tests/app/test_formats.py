@@ -303,11 +303,79 @@ def test_dicom_seg_numbers_segments_from_one_whatever_the_label_values(tmp_path)
 def test_the_bundles_format_step_checks_its_datalist_when_built(tmp_path):
     from uniseg_hub.pipeline.label_files import SaveLabelFormatd
 
-    series = tmp_path / "series"
-    series.mkdir()
+    series = series_for(labelled(), AFFINE, tmp_path / "series")
     SaveLabelFormatd("pred", format="dicom-seg", datalist=[{"image": str(series)}])  # a DICOM folder: fine
     with pytest.raises(InputError, match="needs a DICOM series folder"):
         SaveLabelFormatd("pred", format="dicom-seg", datalist=[{"image": str(series)}, {"image": "b.nii.gz"}])
     with pytest.raises(ConfigError, match="format must be one of"):
         SaveLabelFormatd("pred", format="rtstruct")
     assert SaveLabelFormatd("pred", datalist=[{"image": "b.nii.gz"}])({"pred": 1}) == {"pred": 1}  # nifti: nothing
+
+
+# --- a real scanner series (TotalSegmentator's example, from the pinned PyPI archive) -------------------------------
+
+@pytest.fixture(scope="module")
+def scanner_series(tmp_path_factory):
+    """The 20 images of a SIEMENS CT series (512 x 512, JPEG 2000), as anonymised (no SOP Instance, Study or Series
+    UIDs in the data sets), extracted from the sha256-checked TotalSegmentator sdist."""
+    import tarfile
+
+    from uniseg_hub.app import sample_data
+    from uniseg_hub.files import sha256_file
+
+    sample("ct_small")  # downloads and checks the archive once
+    archive = sample_data.cache_dir() / sample_data.SDIST_FILE
+    if sha256_file(archive) != sample_data.SDIST_SHA256:
+        pytest.skip("the cached TotalSegmentator archive does not match its pinned sha256")
+    folder = tmp_path_factory.mktemp("scanner") / "example_ct_dicom"
+    folder.mkdir()
+    prefix = sample_data.PREFIX + "example_ct_dicom/"
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith(prefix):
+                (folder / member.name[len(prefix):]).write_bytes(tar.extractfile(member).read())
+    assert len(list(folder.iterdir())) == 20
+    return folder
+
+
+def test_an_anonymised_series_without_uids_is_refused_before_anything_runs(scanner_series, tmp_path):
+    pytest.importorskip("highdicom")
+    with pytest.raises(InputError, match="no StudyInstanceUID, SeriesInstanceUID .* use --format seg.nrrd"):
+        predict(scanner_series, out_dir=str(tmp_path / "out"), weights=str(tmp_path / "no-model"),
+                format="dicom-seg")  # the weights are never looked at
+    assert not (tmp_path / "out").exists()
+
+
+def test_dicom_seg_on_a_scanner_series_as_itk_reads_it(scanner_series, tmp_path):
+    """The label map on the grid MONAI's ITKReader gives the series (as the bundle reads it) lands on each image:
+    SOP Instance UIDs from the file meta information, Study and Series UIDs restored here."""
+    pytest.importorskip("itk")
+    pytest.importorskip("highdicom")
+    from monai.transforms import LoadImage
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    series = tmp_path / "series"
+    series.mkdir()
+    study, uid = generate_uid(), generate_uid()
+    for path in scanner_series.iterdir():
+        ds = dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, uid
+        ds.save_as(series / path.name)
+    image = LoadImage(reader="ITKReader", image_only=True)(str(series))
+    affine = np.asarray(image.affine, dtype=np.float64)
+    x, y, z = np.meshgrid(*(np.arange(n) for n in image.shape), indexing="ij")
+    labels = np.where((x < 200) & (y > 300), 1, np.where((x > 350) & (z % 3 == 0), 2, 0)).astype(np.uint8)
+    write_dicom_seg(labels, affine, LIVER, series, tmp_path / "seg.dcm")
+    seg = read_seg(tmp_path / "seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    world_to_voxel = np.linalg.inv(LPS @ affine)
+    for path in series.iterdir():
+        ds = dcmread(path, stop_before_pixels=True)
+        assert not ds.SOPInstanceUID
+        k = world_to_voxel @ [*map(float, ds.ImagePositionPatient), 1.0]
+        np.testing.assert_allclose(k[:2], 0, atol=1e-3)
+        frame = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(ds.file_meta.MediaStorageSOPInstanceUID)], combine_segments=True,
+            skip_overlap_checks=True)[0]
+        np.testing.assert_array_equal(frame, labels[:, :, int(round(k[2]))].T)

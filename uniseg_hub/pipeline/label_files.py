@@ -113,6 +113,7 @@ def check_format_inputs(fmt: str, inputs) -> None:
         raise InputError(f"--format dicom-seg needs a DICOM series folder as input (the segmentation references its "
                          f"images), got {', '.join(map(str, inputs))}; use --format nifti or --format seg.nrrd")
     _highdicom()
+    check_series_uids(inputs[0], series_headers(inputs[0]))
 
 
 TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -120,9 +121,10 @@ TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientS
 """Patient and study attributes a DICOM SEG copies from its source images (Type 2: present, possibly empty)."""
 
 
-def read_series(folder, labels_shape) -> list:
-    """The instances (headers only, pydicom) of the single-frame DICOM series in ``folder`` that has as many
-    instances as the label map has slices; the first such series (ITK reads the first one too)."""
+def series_headers(folder) -> dict[str, list]:
+    """The single-frame DICOM images in ``folder`` (headers only, pydicom), by Series Instance UID, with what a
+    DICOM SEG needs from them: SOP Class and Instance UIDs (taken from the file meta information where the data
+    set leaves them empty, as some anonymisers do) and the Type 2 patient and study attributes."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
@@ -134,15 +136,45 @@ def read_series(folder, labels_shape) -> list:
             ds = dcmread(entry, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError):
             continue
-        if "ImagePositionPatient" in ds and "SeriesInstanceUID" in ds:
-            for keyword in TYPE2_PATIENT_STUDY:  # required but may be empty: some exports leave them out
-                if keyword not in ds:
-                    setattr(ds, keyword, "")
-            series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+        if "ImagePositionPatient" not in ds:
+            continue  # not a single-frame image (a SEG, a report, an enhanced multi-frame image)
+        meta = getattr(ds, "file_meta", None)
+        for keyword, stored in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            if not str(ds.get(keyword, "") or "") and meta is not None and meta.get(stored):
+                setattr(ds, keyword, meta.get(stored))
+        for keyword in TYPE2_PATIENT_STUDY:  # required but may be empty: some exports leave them out
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        series.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(ds)
+    return series
+
+
+def check_series_uids(folder, series: dict[str, list]) -> None:
+    """A DICOM SEG references its study, series and images by UID: ``InputError`` if the images lack them (removed
+    by anonymisation) or the folder holds no single-frame images."""
+    if not series:
+        raise InputError(f"{folder} holds no single-frame DICOM images; --format dicom-seg references the images "
+                         "it segments; use --format seg.nrrd")
+    for instances in series.values():
+        for ds in instances:
+            missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+                                   "FrameOfReferenceUID") if not str(ds.get(k, "") or "")]
+            if missing:
+                raise InputError(f"the DICOM images in {folder} have no {', '.join(missing)} (removed by "
+                                 "anonymisation?); a DICOM SEG must reference them: use --format seg.nrrd (or "
+                                 "nifti) for this series")
+
+
+def read_series(folder, labels_shape) -> list:
+    """The instances (headers only, ``series_headers``) of the single-frame DICOM series in ``folder`` that has as
+    many instances as the label map has slices; the first such series (ITK reads the first one too)."""
+    series = series_headers(folder)
+    check_series_uids(folder, series)
     for instances in series.values():
         if len(instances) == labels_shape[2]:
             return instances
-    found = ", ".join(f"{len(v)} images" for v in series.values()) or "no single-frame images"
+    found = ", ".join(f"{len(v)} images" for v in series.values())
     raise InputError(f"{folder} holds no DICOM series of {labels_shape[2]} single-frame images to reference "
                      f"({found}); the DICOM SEG needs the series that was segmented")
 
