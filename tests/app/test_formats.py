@@ -138,6 +138,21 @@ def test_seg_nrrd_holds_the_label_map_in_lps_with_names_colours_and_terminology(
     assert "Segment2_Name" not in header
 
 
+def test_slicers_own_reader_finds_the_segments(tmp_path):
+    slicerio = pytest.importorskip("slicerio")  # 3D Slicer's Python reader of .seg.nrrd files
+    labels = labelled()
+    write_seg_nrrd(labels, AFFINE, LIVER, tmp_path / "x.seg.nrrd")
+    seg = slicerio.read_segmentation(str(tmp_path / "x.seg.nrrd"))
+    np.testing.assert_allclose(seg["ijkToLPS"], LPS @ AFFINE)
+    assert [(s["name"], s["labelValue"], s["layer"]) for s in seg["segments"]] == [("liver", 1, 0),
+                                                                                   ("liver tumour", 2, 0)]
+    np.testing.assert_allclose([s["color"] for s in seg["segments"]], np.array(PALETTE[:2]) / 255, atol=1e-6)
+    liver, tumour = (s["terminology"] for s in seg["segments"])
+    assert liver["type"] == ["SCT", "10200004", "Liver"] and tumour["anatomicRegion"] == ["SCT", "10200004", "Liver"]
+    extracted = slicerio.extract_segments(seg, [("liver tumour", 7)])
+    np.testing.assert_array_equal(extracted["voxels"], np.where(labels == 2, 7, 0))
+
+
 # --- DICOM SEG -----------------------------------------------------------------------------------------------------
 
 def series_for(labels, affine, folder):
