@@ -1,30 +1,41 @@
 """The ``uniseg-hub`` command line: a thin ``fire`` layer over the package's functions.
 
 Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage error (unknown command or option, a
-missing or extra argument), rejected before anything runs. Every command has ``--help``. Values stay the strings
-that were typed (fire alone would turn ``--revision 1e5`` into a float). Commands import what they need when they
-run, so ``list``, ``info``, ``download``, ``verify`` and ``path`` start without importing torch.
+missing or extra argument, an option given twice or with a value of the wrong kind), rejected before anything
+runs; 130 Ctrl-C, 143 SIGTERM, 141 when stdout's reader went away. Help goes to stdout; only results do besides.
+Every command has ``--help``. Values stay the strings that were typed (fire alone would turn ``--revision 1e5``
+into a float). Commands import what they need when they run, so ``list``, ``info``, ``download``, ``verify`` and
+``path`` start without importing torch.
 
 Conventions for a command (see ``guard_args``): required inputs are positional parameters, options are
 keyword-only with defaults, a flag is an option whose default is a bool, option values arrive as the strings typed
 unless annotated ``int`` or ``float``, the docstring's Args become ``--help``.
 """
 
+import contextlib
 import inspect
 import json as jsonlib
 import logging
+import os
+import signal
 import sys
 
 import fire
 
-from .errors import UnisegHubError
+from .errors import Interrupted, UnisegHubError
 from .files import format_json
+
+_STDOUT: list = []
+"""The real standard output while ``main`` runs a command (``sys.stdout`` then points at stderr, so that nothing
+a library prints or logs reaches a script reading ``--json``); empty outside ``main``."""
 
 
 def emit(result, as_json: bool, text: str) -> None:
     """Print ``text`` for people, or ``result`` as JSON for programs, in the one layout the command line prints
     JSON in (``files.format_json``, the manifest's). A JSON round trip first makes keys strings and tuples lists."""
-    print(format_json(jsonlib.loads(jsonlib.dumps(result))) if as_json else text)
+    out = _STDOUT[-1] if _STDOUT else sys.stdout
+    print(format_json(jsonlib.loads(jsonlib.dumps(result))) if as_json else text, file=out)
+    out.flush()  # a closed pipe (`| head -1`) fails here, inside main, not at exit
 
 
 def list_models(*, manifest=None, json: bool = False) -> None:
@@ -139,7 +150,8 @@ def verify(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> N
 
 
 def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> None:
-    """Print where a model's verified file is in the cache (never downloads), or the cache folder without NAME.
+    """Print where a model's verified file is in the cache (hashed against the manifest; never downloads, never
+    deletes: a corrupt file is reported), or the cache folder without NAME.
 
     Args:
         name: a model name (see `uniseg-hub list`); omit it for the cache folder itself.
@@ -148,12 +160,12 @@ def path(name=None, *, cache_dir=None, manifest=None, json: bool = False) -> Non
         json: print {"name", "path"} as JSON.
     """
     from .hub import cache_folder
-    from .upstream import download as fetch
+    from .upstream import verify as check
 
     if name is None:
         found = cache_folder(cache_dir)
-    else:
-        found = fetch(name, cache_dir=cache_dir, local_files_only=True, manifest=manifest)
+    else:  # checked, never changed: a corrupt file is reported (and kept), not deleted
+        found = check(name, cache_dir=cache_dir, manifest=manifest)
     emit({"name": name, "path": str(found)}, json, str(found))
 
 
@@ -274,7 +286,15 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
     """
     from .app.predict import predict as run
     from .app.predict import quiet
+    from .config import PredictOptions
+    from .errors import ConfigError
 
+    try:  # a wrong option value is a usage error, found before anything is loaded
+        PredictOptions(task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
+                       probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
+                       modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask)
+    except ConfigError as e:
+        usage_error("predict", " ".join(str(e).split()))
     quiet()
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                  probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
@@ -298,7 +318,10 @@ def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bo
     """Segment the sample CT (TotalSegmentator example from PyPI) for an abdominal task and for all CT tasks.
 
     Uses the default published model, or --weights DIR (a folder written by `uniseg-hub convert` from the
-    official checkpoint). Prints where the label maps, previews and volume tables are.
+    official checkpoint). Says first (stderr, `note:` lines) what it downloads, how big it is, and about how long
+    the run will take (one window timed on this machine). Prints where the label maps, previews and volume tables
+    are, then the Dice of each organ against TotalSegmentator's label map of the same scan (liver, kidney,
+    pancreas, spleen): high values mean the weights work.
 
     Args:
         weights: a converted folder instead of the published model.
@@ -308,12 +331,62 @@ def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bo
         device: cpu, cuda or cuda:N.
         json: print the results as JSON.
     """
-    from .app.predict import demo as run
+    from .app.demo import plan_downloads, prepare_demo, run_demo
     from .app.predict import quiet
 
     quiet()
-    results = run(weights=weights, out_dir=out, task=task, tta=tta, device=device)
-    emit([r.as_dict() for r in results], json, "\n".join(_describe(r) for r in results))
+    for item in plan_downloads(weights):
+        _note(_download_line(item))
+    setup = prepare_demo(weights, task, tta=tta, device=device)
+    _note(_estimate_line(setup))
+    result = run_demo(setup, out, tta=tta, device=device)
+    emit(result.as_dict(), json, "\n".join([*(_describe(r) for r in result.predictions),
+                                            _agreement_table(result.agreement)]))
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _size(size) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _download_line(item) -> str:
+    if item.cached:
+        return f"{item.what}: in {item.source}, nothing to download"
+    size = _size(item.size) if item.size is not None else item.detail or "size unknown"
+    return f"downloads {item.what} from {item.source} ({size})"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def _estimate_line(setup) -> str:
+    if not setup.estimates:
+        return "no run-time estimate"
+    runs = "; ".join(f"{e.task}: {e.windows} window{'s' * (e.windows != 1)} x {e.seconds_per_window:.1f} s"
+                     for e in setup.estimates)
+    return (f"the run on {setup.window.device} will take about {_duration(setup.seconds)} ({runs}; one window "
+            f"timed on this machine)")
+
+
+def _agreement_table(rows) -> str:
+    """Dice per organ against TotalSegmentator's map, as an aligned table."""
+    if not rows:
+        return "no organ of these tasks is in TotalSegmentator's label map: no agreement to show"
+    head = ("case", "task", "organ", "Dice", "UniSeg mL", "TotalSeg mL")
+    body = [(r.case, r.task, r.organ, "n/a" if r.dice is None else f"{r.dice:.3f}", f"{r.volume_ml:.1f}",
+             f"{r.reference_volume_ml:.1f}") for r in rows]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+             for line in (head, *body)]
+    return "\n".join(["agreement with TotalSegmentator's label map of the same scan (Dice; a prediction of "
+                      "another model, not ground truth):", *lines])
 
 
 def export(src: str, out: str, *, in_channels: int = 1, json: bool = False) -> None:
@@ -359,8 +432,12 @@ COMMANDS = {"list": list_models, "info": info, "download": download, "verify": v
             "prepare": prepare_dataset}
 
 
+BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+"""What a switch's value may be (``--tta no``, ``--tta=false``); anything else is a usage error."""
+
+
 def usage_error(command: str, message: str) -> None:
-    print(f"ERROR: {message}\nsee: uniseg-hub {command} --help", file=sys.stderr)
+    print(f"error: {message} (see `uniseg-hub {command} --help`)", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -392,6 +469,8 @@ def guard_args(command: str, args: list[str]) -> list[str]:
             key = short[0]
         if key.startswith("no") and key[2:] in flags and not has_value:
             key, has_value, value = key[2:], True, "False"
+        if key in given and key in params:
+            usage_error(command, f"option --{key.replace('_', '-')} is given more than once; give it once")
         if key not in params:
             if not any_options:
                 usage_error(command, f"unknown option {token.split('=')[0]} for `uniseg-hub {command}`; options: "
@@ -404,19 +483,34 @@ def guard_args(command: str, args: list[str]) -> list[str]:
             continue
         given.add(key)
         if key in flags:
-            if not has_value and i < len(args) and args[i].lower() in ("true", "false"):
+            if not has_value and i < len(args) and args[i].lower() in BOOLEANS:
                 value, has_value, i = args[i], True, i + 1
-            out.append(f"--{key}={value.capitalize() if has_value else 'True'}")
+            if has_value and value.lower() not in BOOLEANS:
+                usage_error(command, f"--{key.replace('_', '-')} is a switch: give --{key.replace('_', '-')} or "
+                                     f"--no{key.replace('_', '-')} (or true/false), got {value!r}")
+            out.append(f"--{key}={BOOLEANS[value.lower()] if has_value else True}")
             continue
         if not has_value:
             if i >= len(args):
                 usage_error(command, f"option {token} needs a value")
             value, i = args[i], i + 1
-        numeric = params[key].annotation in (int, float, "int", "float")  # fire parses these
-        out.append(f"--{key}={value}" if numeric else f"--{key}={value!r}")
+        kind = params[key].annotation
+        kind = {"int": int, "float": float}.get(kind, kind)
+        if kind in (int, float):  # fire parses these: only a number of that kind may reach it
+            try:
+                kind(value)
+            except ValueError:
+                usage_error(command, f"--{key.replace('_', '-')} takes {'an integer' if kind is int else 'a number'}"
+                                     f", got {value!r}")
+        out.append(f"--{key}={value}" if kind in (int, float) else f"--{key}={value!r}")
     free = [n for n in positional if n not in given]
     if len(values) > len(free) and not any_args:
         usage_error(command, f"unexpected argument(s) {' '.join(values[len(free):])} for `uniseg-hub {command}`")
+    missing = [n.upper() for n in free[len(values):] if params[n].default is params[n].empty]
+    missing += [f"--{n.replace('_', '-')}" for n, p in params.items()
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty and n not in given]
+    if missing:
+        usage_error(command, f"`uniseg-hub {command}` needs {' '.join(missing)}")
     return out
 
 
@@ -428,11 +522,44 @@ class _WarningLines(logging.Handler):
         print(f"warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
 
 
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost error of a chain of wrappers (MONAI re-raises a failure as ``RuntimeError`` from it)."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
+def _fail(message: str, code: int = 1) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``uniseg-hub`` console script (returns None: see fire's exit-code pitfall)."""
+    """Entry point of the ``uniseg-hub`` console script (returns None: see fire's exit-code pitfall).
+
+    Help goes to stdout (exit 0); no command is a usage error (exit 2). While a command runs, ``sys.stdout`` is
+    stderr: only ``emit`` writes to the real stdout, so logs and tracebacks of MONAI, ignite or any library never
+    mix with a table or ``--json``. Every failure is one line on stderr: 1 for what the user can fix (and, for
+    anything unexpected, the error named as a bug; ``UNISEG_HUB_TRACEBACK=1`` shows its traceback), 2 for usage,
+    130 for Ctrl-C, 143 for SIGTERM, 141 when the reader of stdout went away (``| head -1``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
-    if any(a in ("-h", "--help") for a in argv):
+    if not argv:
+        print("error: no command given; usage: uniseg-hub COMMAND [ARGS] [--OPTIONS], where COMMAND is one of "
+              f"{', '.join(COMMANDS)} (see `uniseg-hub --help`)", file=sys.stderr)
+        raise SystemExit(2)
+    helping = any(a in ("-h", "--help") for a in argv)
+    if command not in COMMANDS and not (helping and command in ("-h", "--help")):
+        print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)} (see `uniseg-hub --help`)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if helping:
         # show help without running anything (fire runs a command before honouring a trailing --help)
         argv = ([command] if command in COMMANDS else []) + ["--", "--help"]
     elif command in COMMANDS:
@@ -440,17 +567,45 @@ def main(argv: list[str] | None = None) -> None:
     warnings_handler = _WarningLines(logging.WARNING)
     package_logger = logging.getLogger("uniseg_hub")
     package_logger.addHandler(warnings_handler)
+    stdout = sys.stdout
+    _STDOUT.append(stdout)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _interrupt) for s in signals} if _main_thread() else {}
     try:
-        fire.Fire(COMMANDS, command=argv, name="uniseg-hub")
+        with contextlib.redirect_stderr(stdout) if helping else contextlib.redirect_stdout(sys.stderr):
+            fire.Fire(COMMANDS, command=argv, name="uniseg-hub")
+        if helping:
+            stdout.flush()
+    except BrokenPipeError:
+        # the reader of stdout is gone: nothing more can be shown; Python must not complain at exit either
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        raise SystemExit(141) from None
     except UnisegHubError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(str(e))
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {' '.join(str(e.strerror or e).split())}{where}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Interrupted as e:
+        print("interrupted" if e.signum == signal.SIGINT else "terminated", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except Exception as e:  # a bug: one line that says so, the traceback on request
+        if os.environ.get("UNISEG_HUB_TRACEBACK"):
+            raise
+        root = _root_cause(e)
+        _fail(f"unexpected {type(root).__name__}: {root} (a bug in uniseg-hub or a library it uses; please report "
+              "it with the command you ran; UNISEG_HUB_TRACEBACK=1 shows the traceback)")
     finally:
+        _STDOUT.remove(stdout)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         package_logger.removeHandler(warnings_handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

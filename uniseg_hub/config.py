@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, fields, replace
 
@@ -49,6 +50,16 @@ MAX_PARAMETERS = 500_000_000
 """Bounds well above any UniSeg variant (the official model has 32 million parameters): a configuration beyond them
 is damaged, and building it would allocate gigabytes before any shape check could fail."""
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 8
+
+
+def _shown(value) -> str:
+    """``repr(value)`` cut to a readable length and depth (a damaged file may hold huge or deeply nested values)."""
+    return _REPR.repr(value)
+
+
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off", "none", "")
 
 
@@ -66,26 +77,26 @@ def parse_bool(value, name: str = "option") -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ConfigError(f"{name} takes true or false, got {value!r}")
+    raise ConfigError(f"{name} takes true or false, got {_shown(value)}")
 
 
 def _whole(value, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {_shown(value)}")
     return value
 
 
 def _whole_list(value, name: str, low: int, high: int, length: int | None = None) -> tuple[int, ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
-        raise ConfigError(f"{name} must be a list of whole numbers, got {value!r}")
+        raise ConfigError(f"{name} must be a list of whole numbers, got {_shown(value)}")
     if length is not None and len(value) != length:
-        raise ConfigError(f"{name} must have {length} entries, got {len(value)}: {list(value)!r}")
+        raise ConfigError(f"{name} must have {length} entries, got {len(value)}: {_shown(list(value))}")
     return tuple(_whole(v, f"{name}[{i}]", low, high) for i, v in enumerate(value))
 
 
 def _triples(value, name: str, low: int, high: int, stages: int) -> tuple[tuple[int, int, int], ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence) or len(value) != stages:
-        raise ConfigError(f"{name} must be a list of {stages} (x, y, z) triples, one per stage, got {value!r}")
+        raise ConfigError(f"{name} must be a list of {stages} (x, y, z) triples, one per stage, got {_shown(value)}")
     return tuple(_whole_list(v, f"{name}[{i}]", low, high, 3) for i, v in enumerate(value))
 
 
@@ -114,7 +125,8 @@ class UniSegConfig:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+            raise ConfigError(f"architecture must be one of {', '.join(ARCHITECTURES)}, "
+                              f"got {_shown(self.architecture)}")
         features = _whole_list(self.features, "features", 1, MAX_FEATURES)
         if not 2 <= len(features) <= MAX_STAGES:
             raise ConfigError(f"features must list 2 to {MAX_STAGES} stages, got {len(features)}")
@@ -151,7 +163,7 @@ class UniSegConfig:
         """Parse ``{"architecture": name, "config": {...}}`` (config.json, safetensors metadata, a manifest entry);
         other top-level keys are ignored. Raises ``ConfigError`` naming ``where`` and the field."""
         if not isinstance(data, Mapping) or not isinstance(data.get("config"), Mapping):
-            raise ConfigError(f"{where} must hold an 'architecture' name and a 'config' object, got {data!r:.200}")
+            raise ConfigError(f"{where} must hold an 'architecture' name and a 'config' object, got {_shown(data)}")
         config = data["config"]
         architecture = data.get("architecture")
         allowed = {f.name for f in fields(cls)} - {"architecture"}
@@ -198,6 +210,10 @@ class UniSegConfig:
             total += (previous + f[i]) * f[i] * math.prod(k[i])
             if i:
                 total += f[i] * f[i - 1] * math.prod(s[i]) + 3 * f[i - 1] * f[i - 1] * math.prod(k[i])
+        if self.architecture == "UniSeg":  # the universal prompt and its fusion convs
+            tasks, hidden = self.num_tasks, (f[-1] + self.num_tasks) // 4
+            total += tasks * math.prod(self.prompt_size)
+            total += ((f[-1] + tasks) * hidden + hidden * hidden + hidden * tasks) * math.prod(k[-1])
         return total
 
 
@@ -306,6 +322,17 @@ def _json_object(value, name: str) -> FrozenMap:
     return freeze(value)
 
 
+def _repository_path(name) -> bool:
+    """A relative ``.safetensors`` path inside a repository that cannot leave it on any system: '/'-separated
+    segments, none empty, '.' or '..', and no backslash (a separator on Windows), colon (a drive) or control
+    character."""
+    if not isinstance(name, str) or not name.endswith(".safetensors") or len(name) > 1000:
+        return False
+    if any(c in name for c in "\\:") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
 def _is_int(value, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -342,7 +369,7 @@ class License:
             raise ManifestError("license must hold id, name, url (http/https) and commercial_use (true or false)")
         for k in _LICENSE_TEXTS:
             if k in data and not isinstance(data[k], str):
-                raise ManifestError(f"license.{k} must be a string (or absent), got {data[k]!r:.80}")
+                raise ManifestError(f"license.{k} must be a string (or absent), got {_shown(data[k])}")
         known = LICENSE_FIELDS + _LICENSE_TEXTS
         return cls(**{k: data[k] for k in known if k in data},
                    extra={k: v for k, v in data.items() if k not in known})
@@ -367,17 +394,17 @@ class Upstream:
 
     def __post_init__(self):
         if not isinstance(self.url, str) or not _URL.fullmatch(self.url):
-            raise ManifestError(f"upstream.url {self.url!r:.80} must be an http(s) URL")
+            raise ManifestError(f"upstream.url {_shown(self.url)} must be an http(s) URL")
         if not isinstance(self.filename, str) or not self.filename.strip() or "/" in self.filename \
                 or "\\" in self.filename or self.filename in (".", ".."):
-            raise ManifestError(f"upstream.filename {self.filename!r:.80} must be a plain file name")
+            raise ManifestError(f"upstream.filename {_shown(self.filename)} must be a plain file name")
         if self.format != UPSTREAM_FORMAT:
-            raise ManifestError(f"upstream.format {self.format!r:.80} is not supported; uniseg-hub converts "
+            raise ManifestError(f"upstream.format {_shown(self.format)} is not supported; uniseg-hub converts "
                                 f"{UPSTREAM_FORMAT!r} files only")
         if self.size is not None and not _is_int(self.size):
-            raise ManifestError(f"upstream.size {self.size!r:.80} must be the file size in bytes, or null (unknown)")
+            raise ManifestError(f"upstream.size {_shown(self.size)} must be the file size in bytes, or null (unknown)")
         if self.sha256 is not None and not (isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)):
-            raise ManifestError(f"upstream.sha256 {self.sha256!r:.80} must be 64 lower-case hex digits, or null "
+            raise ManifestError(f"upstream.sha256 {_shown(self.sha256)} must be 64 lower-case hex digits, or null "
                                 "(unknown)")
 
     @classmethod
@@ -440,7 +467,8 @@ class ManifestEntry:
 
         name = self.name
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            fail(f"name {name!r} must be lower-case letters, digits, '.', '_' or '-', starting with a letter or digit")
+            fail(f"name {_shown(name)} must be lower-case letters, digits, '.', '_' or '-', starting with a letter or "
+                 "digit")
         where = f"{where} ({name})"
         if not isinstance(self.description, str) or not self.description.strip():
             fail("description must be a non-empty string")
@@ -451,29 +479,29 @@ class ManifestEntry:
             try:
                 _validate_repo_id(repo_id)
             except (ValueError, TypeError) as e:
-                fail(f"repo_id {repo_id!r} is not a Hub repository id ({e})")
+                fail(f"repo_id {_shown(repo_id)} is not a Hub repository id ({e})")
             if not isinstance(repo_id, str) or "/" not in repo_id:  # huggingface_hub lets None through
-                fail(f"repo_id {repo_id!r} must be ORG/NAME")
+                fail(f"repo_id {_shown(repo_id)} must be ORG/NAME")
             revision = self.revision
             if not (revision is None and not require_revision) and not (
                     isinstance(revision, str) and _SHA1.fullmatch(revision)):
-                fail(f"revision {revision!r} must be a 40-hex commit sha (never a branch or tag): the commit that "
-                     "`uniseg-hub publish` printed")
+                fail(f"revision {_shown(revision)} must be a 40-hex commit sha (never a branch or tag): the commit "
+                     "that `uniseg-hub publish` printed")
             if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
-                fail(f"sha256 {self.sha256!r} must be 64 lower-case hex digits")
+                fail(f"sha256 {_shown(self.sha256)} must be 64 lower-case hex digits")
             if not _is_int(self.size):
-                fail(f"size {self.size!r} must be the file size in bytes")
+                fail(f"size {_shown(self.size)} must be the file size in bytes")
         else:
             invented = [k for k in _PINNED if getattr(self, k) is not None]
             if invented:
                 fail(f"an unpublished entry has no {', '.join(invented)}: leave them null until `uniseg-hub publish` "
                      "prints the real values, and set published to true then")
         filename = self.filename
-        if not isinstance(filename, str) or not filename.endswith(".safetensors") or filename.startswith("/") \
-                or ".." in filename.split("/"):
-            fail(f"filename {filename!r} must be a relative path to a .safetensors file in the repository")
+        if not _repository_path(filename):
+            fail(f"filename {_shown(filename)} must be a relative path to a .safetensors file in the repository "
+                 "(segments separated by '/', no '.', '..', backslash, colon or control character)")
         if self.format != "safetensors":
-            fail(f"format {self.format!r} is not supported; uniseg-hub loads safetensors only")
+            fail(f"format {_shown(self.format)} is not supported; uniseg-hub loads safetensors only")
         try:
             license_ = self.license if isinstance(self.license, License) else License.from_dict(self.license)
         except ManifestError as e:
@@ -604,7 +632,7 @@ class PredictOptions:
             text = "" if isinstance(value, bool) or not isinstance(value, (str, int, os.PathLike)) else \
                 os.fspath(value) if isinstance(value, os.PathLike) else str(value)
             if not text.strip():
-                raise ConfigError(f"{name} must be a non-empty name or path, got {value!r}")
+                raise ConfigError(f"{name} must be a non-empty name or path, got {_shown(value)}")
             values[name] = text.strip() if name == "task" else text
         for name in ("tta", "probabilities", "preview", "overwrite", "progress"):
             values[name] = parse_bool(getattr(self, name), name)
@@ -613,7 +641,7 @@ class PredictOptions:
         modality = str(self.modality).strip().upper() if isinstance(self.modality, str) else None
         if modality not in ("CT", "MR"):
             raise ConfigError(f"modality must be CT or MR (the task group --task all uses for 1-channel input), got "
-                              f"{self.modality!r}")
+                              f"{_shown(self.modality)}")
         values["modality"] = modality
         values["resampling"] = choice(self.resampling, "resampling", RESAMPLING)
         values["nan"] = choice(self.nan, "nan", NAN_POLICIES)
@@ -642,7 +670,7 @@ def choice(value, name: str, choices: tuple[str, ...]) -> str:
     """``value`` as one of ``choices`` (case and surrounding blanks ignored), or a ``ConfigError`` listing them."""
     text = value.strip().lower() if isinstance(value, str) else None
     if text not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {_shown(value)}")
     return text
 
 
@@ -653,7 +681,7 @@ def _overlap(value) -> float:
         overlap = math.nan
     if not 0 <= overlap < 1:  # NaN fails too
         raise ConfigError(f"overlap must be a number from 0 up to (not including) 1, e.g. 0.5 (the official "
-                          f"sliding-window overlap), got {value!r}")
+                          f"sliding-window overlap), got {_shown(value)}")
     return overlap
 
 
@@ -661,7 +689,7 @@ def _at_least_one(value, name: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a whole number of 1 or more, got {value!r}")
+        raise ConfigError(f"{name} must be a whole number of 1 or more, got {_shown(value)}")
     return value
 
 
@@ -672,4 +700,4 @@ def _device(value) -> str:
     try:
         return str(torch.device(value if isinstance(value, (str, torch.device)) else str(value)))
     except (RuntimeError, TypeError, ValueError) as e:
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {value!r}") from e
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {_shown(value)}") from e

@@ -9,6 +9,17 @@ class UnisegHubError(Exception):
     """Base class of all uniseg-hub errors."""
 
 
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM, raised by the command line's signal handlers where the process is, so that what a
+    command was writing is cleaned up (atomic writes, the outputs' lock). A BaseException, so that nothing on the
+    way catches it as an error, and not a ``KeyboardInterrupt``: CPython ends a process with SIGINT at exit once one
+    passed through certain C calls, even if it was handled, which would hide the exit status."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class UnknownTaskError(UnisegHubError, ValueError):
     """A task name or id that is not one of the model's tasks."""
 

@@ -17,6 +17,28 @@ def _umask() -> int:
     return mask
 
 
+def temp_prefix(target: str | os.PathLike) -> str:
+    """The name prefix of ``atomic_path``'s temporary files for ``target``: ``.<name>.``, or for a name over 200
+    characters its first 80 and a hash of the whole, so that a target name the file system takes (checked before
+    any work) never fails at its temporary name. ``stale_temp_files`` finds them."""
+    name = Path(target).name
+    if len(name) <= 200:
+        return f".{name}."
+    return f".{name[:80]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}."
+
+
+def stale_temp_files(target: str | os.PathLike) -> list[Path]:
+    """Temporary files ``atomic_path`` left beside ``target`` when its process was killed (SIGKILL, power loss):
+    only the caller knows that no live process is writing them (``uniseg-hub predict`` holds the outputs' lock)."""
+    target = Path(target)
+    prefix = temp_prefix(target)
+    try:
+        return sorted(p for p in target.parent.iterdir()
+                      if p.name.startswith(prefix) and ".tmp" in p.name[len(prefix):])
+    except OSError:
+        return []
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path beside ``target``; on success it is synced, given the usual permissions and renamed
@@ -24,7 +46,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     by extension happy (``.nii.gz``, ``.onnx``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{suffix}")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=f".tmp{suffix}")
     os.close(fd)
     try:
         yield tmp

@@ -48,6 +48,7 @@ from .weights import (
     WEIGHTS_FILE,
     LoadReport,
     build_network,
+    check_tensors,
     load_checked,
     read_folder,
     read_safetensors,
@@ -114,7 +115,9 @@ def resolve(src, *, pretrained: bool = True, revision=None, cache_dir=None, loca
     else:
         file = download(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                         force=force_download, manifest=m, token=token)
-    return config, {**info, "weights": str(file)}, read_safetensors(file)[1], f"{src} ({file})"
+    state = read_safetensors(file)[1]
+    check_tensors(state, f"{src} ({file})", config)
+    return config, {**info, "weights": str(file)}, state, f"{src} ({file})"
 
 
 def _random(model: nn.Module) -> LoadReport:

@@ -10,6 +10,7 @@ anything else in the pickle is refused, never executed.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import pickle
@@ -78,12 +79,72 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
             "checkpoint, which could run code when unpickled; convert only files from a source you trust, and "
             "report the file if it is the official one"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UnisegHubError(f"cannot read {path} as a PyTorch checkpoint ({e}); is the file complete?") from e
+    except Exception as e:  # a damaged zip or pickle makes torch raise nearly any type
+        raise IncompatibleCheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: "
+                                          f"{str(e)[:200]}); is the file complete? Download it again") from e
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise IncompatibleCheckpointError(f"{path} holds no state_dict of tensors; is it an nnU-Net .model file?")
+    check_tensors(state, str(path))
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+DTYPE = torch.float32
+"""The dtype of every UniSeg tensor (the official checkpoint's, and what the networks are built with)."""
+
+
+@functools.lru_cache(maxsize=8)
+def expected_tensors(config: UniSegConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor of the network ``config`` describes, from a network built on the meta
+    device (no memory is allocated)."""
+    with torch.device("meta"):
+        network = ARCHITECTURES[config.architecture](config=config)
+    return {k: (tuple(v.shape), v.dtype) for k, v in network.state_dict().items()}
+
+
+def check_tensors(state: Mapping, source: str, config: UniSegConfig | None = None) -> None:
+    """Refuse a state dict that no UniSeg network should load, naming the tensors and the fix.
+
+    Always: names that are not strings, values that are not tensors, dtypes other than float32, empty (zero-size)
+    tensors and tensors holding NaN or infinity. With ``config``: tensors missing, unexpected or misshaped for the
+    network it describes (compared before the network is built, so a damaged config.json allocates nothing).
+    Raises ``IncompatibleCheckpointError``.
+    """
+    def fail(problem: str):
+        raise IncompatibleCheckpointError(
+            f"{source}: {problem}; the file is damaged or not a UniSeg checkpoint: download it again, or convert "
+            "the official checkpoint again with `uniseg-hub convert`")
+
+    if not isinstance(state, Mapping):
+        fail(f"it holds a {type(state).__name__}, not a mapping of tensor names to tensors")
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        fail(f"{len(names)} tensor name(s) are not strings ({_listing(repr(k) for k in names)})")
+    values = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if values:
+        fail(f"{len(values)} entries are not tensors ({_listing(f'{k} ({type(state[k]).__name__})' for k in values)})")
+    dtypes = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items() if v.dtype != DTYPE]
+    if dtypes:
+        fail(f"{len(dtypes)} tensor(s) are not float32, the dtype of every UniSeg tensor: {_listing(dtypes)}")
+    if config is not None:
+        expected = expected_tensors(config)
+        problems = []
+        if missing := [k for k in expected if k not in state]:
+            problems.append(f"missing {len(missing)} tensors: {_listing(missing)}")
+        if unexpected := [k for k in state if k not in expected]:
+            problems.append(f"unexpected {len(unexpected)} tensors: {_listing(unexpected)}")
+        if misshaped := [f"{k} {tuple(v.shape)} != {expected[k][0]}" for k, v in state.items()
+                         if k in expected and tuple(v.shape) != expected[k][0]]:
+            problems.append(f"{len(misshaped)} tensors with the wrong shape (checkpoint != configuration): "
+                            f"{_listing(misshaped)}")
+        if problems:
+            fail(f"does not fit {config.architecture}: " + "; ".join(problems))
+    empty = [f"{k} {tuple(v.shape)}" for k, v in state.items() if v.numel() == 0]
+    if empty:
+        fail(f"{len(empty)} tensor(s) are empty (a zero-size dimension): {_listing(empty)}")
+    nonfinite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        fail(f"{len(nonfinite)} tensor(s) are not finite (NaN or infinite values): {_listing(nonfinite)}")
 
 
 def official_key(key: str) -> str | None:
@@ -119,7 +180,11 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> UniSegConfig:
             "the checkpoint has no input stems (conv_blocks_context.0.blocks.0.conv_N.weight); "
             "it is not a UniSeg checkpoint"
         )
-    num_stages = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("conv_blocks_context."))
+    stages = [k.split(".")[1] for k in state if k.startswith("conv_blocks_context.")]
+    if not all(s.isdigit() and int(s) < 64 for s in stages):
+        raise IncompatibleCheckpointError(f"the checkpoint's stage names ({_listing(sorted(set(stages)))}) are not "
+                                          "conv_blocks_context.N with a stage number N; it is not a UniSeg checkpoint")
+    num_stages = 1 + max(int(s) for s in stages)
     first_convs = [_require(state, f"conv_blocks_context.0.blocks.0.conv_{stems[0]}.weight")]
     for s in range(1, num_stages):
         key = f"conv_blocks_context.{s}.blocks.0.conv.weight"
@@ -130,11 +195,17 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> UniSegConfig:
     strides = [[1, 1, 1]] + [list(_require(state, f"tu.{num_stages - 1 - s}.weight").shape[2:][::-1])
                              for s in range(1, num_stages)]
     common = {"in_channels": stems, "features": features, "kernel_sizes": kernel_sizes, "strides": strides}
+    if any(w.ndim != 5 for w in first_convs) or any(len(s) != 3 for s in strides):
+        raise IncompatibleCheckpointError("the checkpoint's convolutions are not 3-D (5-D weights); it is not a "
+                                          "UniSeg checkpoint")
     try:
         if "intermedia_prompt" not in state:
             heads = _require(state, "seg_outputs_down.0.weight")
             return UniSegConfig("UniSegBackbone", num_classes=int(heads.shape[0]), **common)
         prompt = state["intermedia_prompt"]
+        if prompt.ndim != 5:
+            raise IncompatibleCheckpointError(f"the checkpoint's intermedia_prompt has shape {tuple(prompt.shape)}, "
+                                              "not (1, tasks, z, y, x); it is not a UniSeg checkpoint")
         stride = total_stride(strides)
         patch = [int(n) * s for n, s in zip(prompt.shape[2:][::-1], stride)]
         heads = _require(state, "seg_outputs.0.weight")
@@ -210,6 +281,7 @@ def load_checked(
     unexpected = [k for k in state if k not in own]
     misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
                  for k in own if k in state and state[k].shape != own[k].shape]
+    mistyped = [f"{k} {state[k].dtype} != {own[k].dtype}" for k in own if k in state and state[k].dtype != own[k].dtype]
     bad_missing = [k for k in missing if not matches(k, init_ok)]
     bad_unexpected = [k for k in unexpected if not matches(k, skip_ok)]
     problems = []
@@ -219,6 +291,8 @@ def load_checked(
         problems.append(f"unexpected {len(bad_unexpected)} tensors: {_listing(bad_unexpected)}")
     if misshaped:
         problems.append(f"{len(misshaped)} tensors with the wrong shape (checkpoint != model): {_listing(misshaped)}")
+    if mistyped:
+        problems.append(f"{len(mistyped)} tensors with the wrong dtype (checkpoint != model): {_listing(mistyped)}")
     if problems:
         raise IncompatibleCheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
     # strict: every module tensor is given, the allowed-missing ones keep their fresh initialisation
@@ -232,7 +306,8 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
     unmapped = [k for k in state if official_key(k) is None]
     if unmapped:
         raise IncompatibleCheckpointError(f"the checkpoint has {len(unmapped)} unknown tensors: {_listing(unmapped)}")
-    converted = {official_key(k): _reverse_axes(v.detach().to(torch.float32)) for k, v in state.items()}
+    check_tensors(state, "the official checkpoint")
+    converted = {official_key(k): _reverse_axes(v.detach()) for k, v in state.items()}
     load_checked(build_network(architecture), converted, source="the official checkpoint")
     return converted, architecture
 
@@ -307,7 +382,12 @@ def read_folder(path: str | os.PathLike, tensors: bool = True) -> Checkpoint:
             f"{path} holds no {WEIGHTS_FILE}; pass a folder written by `uniseg-hub convert` or a .safetensors file"
         )
     if config_file.is_file():
-        where, text = str(config_file), config_file.read_text(errors="replace")
+        where = str(config_file)
+        try:
+            text = config_file.read_text(errors="replace")
+        except OSError as e:
+            raise ConfigError(f"cannot read {config_file} ({e.strerror or e}); check its permissions, or write the "
+                              "folder again with `uniseg-hub convert`") from None
     else:
         where, text = f"the metadata of {weights}", read_safetensors(weights, tensors=False)[0].get(
             "uniseg_hub.architecture")
@@ -315,9 +395,12 @@ def read_folder(path: str | os.PathLike, tensors: bool = True) -> Checkpoint:
             raise IncompatibleCheckpointError(f"{weights} has no {CONFIG_FILE} beside it and no architecture metadata")
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} is not valid JSON ({e}); write the folder again with `uniseg-hub convert`") \
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ConfigError(f"{where} is not valid JSON ({reason}); write the folder again with `uniseg-hub convert`") \
             from None
     config = UniSegConfig.from_dict(document, where)
-    return Checkpoint(weights.parent if path.is_dir() else weights, config, document,
-                      read_safetensors(weights, tensors)[1] if tensors else {})
+    state = read_safetensors(weights, tensors)[1] if tensors else {}
+    if tensors:
+        check_tensors(state, f"{weights} (architecture from {where})", config)
+    return Checkpoint(weights.parent if path.is_dir() else weights, config, document, state)

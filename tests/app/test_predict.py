@@ -1,6 +1,7 @@
 """``uniseg-hub predict`` and ``demo`` as people run them: subprocesses on real scans, DICOM, all tasks, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -143,9 +144,15 @@ def test_failures_are_one_line_with_exit_status_1(converted_small, ct, tmp_path)
 def test_demo_without_reachable_weights_says_how_to_get_them(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin",
            "UNISEG_HUB_DATA": str(tmp_path / "data")}
+    env.update({k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ})  # the package under test
     result = uniseg("demo", "--out", tmp_path / "demo", env=env)
-    assert one_line_error(result), result.stderr
-    assert "uniseg-hub convert" in result.stderr and "uniseg-hub publish" in result.stderr
+    # first what it would download (size), then one error line; nothing fetched, no run-time estimate
+    *notes, error = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and error.startswith("error:") and "Traceback" not in result.stderr
+    assert [n.split(" ")[:2] for n in notes] == [["note:", "downloads"]] * 2, result.stderr
+    assert "official UniSeg checkpoint" in notes[0] and "MB in float32" in notes[0]
+    assert "sample CT" in notes[1] and "(38.0 MB)" in notes[1]
+    assert "uniseg-hub convert" in error and "uniseg-hub publish" in error
     assert not (tmp_path / "data").exists(), "the demo fetched the sample before knowing it has weights"
 
 
@@ -153,11 +160,17 @@ def test_demo_without_reachable_weights_says_how_to_get_them(tmp_path):
 def test_demo_with_converted_weights(converted_small, tmp_path):
     result = uniseg("demo", "--weights", converted_small, "--out", tmp_path, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
-    runs = json.loads(result.stdout)
+    summary = json.loads(result.stdout)
+    runs = summary["runs"]
     assert [r["task"] for r in runs] == ["liver", "all"]
     for run in runs:
         assert nib.load(run["label_map"]).shape == nib.load(sample("ct_small")).shape
         assert mpimg.imread(run["preview"]).shape[:2] == (PREVIEW_SIZE[1], PREVIEW_SIZE[0])
+    # the Dice against TotalSegmentator's map: liver (task liver), liver, kidney, pancreas, spleen (all tasks)
+    assert [(a["task"], a["organ"]) for a in summary["agreement"]] == [("liver", "liver")] + [
+        ("all", organ) for organ in ("liver", "kidney", "pancreas", "spleen")]
+    assert all(0 <= a["dice"] <= 1 for a in summary["agreement"])
+    assert [(e["task"], e["windows"]) for e in summary["estimate"]] == [("liver", 42), ("all", 42)]
 
 
 # property-based: whatever the header, affine, shape or values, a valid output or one clean error line

@@ -123,7 +123,7 @@ def test_the_validation_split_is_carved_from_the_training_cases_deterministicall
 
 def test_by_default_nothing_is_selected_and_the_final_checkpoint_is_evaluated_with_mirroring(
         btcv_small, converted_small, tmp_path):  # noqa: F811
-    wf = workflow(tmp_path, btcv_small, converted_small)
+    wf = workflow(tmp_path, btcv_small, converted_small, config_defaults=("validation_fraction",))
     get = wf.parser.get_parsed_content
     test_cases = {c["image"] for c in load_datalist(btcv_small / "datalist.json", "validation")}
     assert get("validation_fraction") == 0 and get("select_best") is False

@@ -72,8 +72,11 @@ def btcv_small(tmp_path_factory):
 
 
 def workflow(root: Path, dataset_dir: Path, pretrained, run_id: str = "run", configs=("train.json", "btcv.json"),
-             **overrides) -> ConfigWorkflow:
-    settings = {**SMALL_RUN, "bundle_root": str(root), "dataset_dir": str(dataset_dir), "pretrained": str(pretrained),
+             config_defaults: tuple[str, ...] = (), **overrides) -> ConfigWorkflow:
+    """The bundle's training workflow on the small run; ``config_defaults`` names SMALL_RUN settings left at the
+    configs' own values."""
+    small_run = {k: v for k, v in SMALL_RUN.items() if k not in config_defaults}
+    settings = {**small_run, "bundle_root": str(root), "dataset_dir": str(dataset_dir), "pretrained": str(pretrained),
                 **overrides}
     wf = ConfigWorkflow(config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
                         logging_file=False, workflow_type="train", run_id=run_id, **settings)

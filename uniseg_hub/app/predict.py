@@ -1,4 +1,4 @@
-"""Segmentation for people: ``uniseg-hub predict`` and ``uniseg-hub demo``.
+"""Segmentation for people: ``uniseg-hub predict`` (``demo`` runs it on the sample CT).
 
 ``predict`` runs the bundle's ``inference.json`` (MONAI's ``ConfigWorkflow`` with overrides; the one inference
 pipeline) and takes what it needs from that run: the tasks, label names and output names the configuration
@@ -27,6 +27,9 @@ import numpy as np
 from ..config import PredictOptions
 from ..errors import InputError, UnisegHubError
 from .bundle import bundle_dir
+from .outputs import check_names, check_space, claim_outputs
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "uniseg-11task"
 """The manifest name of the official 11-task model."""
@@ -66,12 +69,25 @@ def unwrap_error(error: BaseException) -> BaseException | None:
     return seen if seen is not error and isinstance(seen, (UnisegHubError, OSError)) else None
 
 
+def _messages(error: BaseException) -> list[str]:
+    out = []
+    while error is not None and len(out) < 50:
+        out.append(str(error))
+        error = error.__cause__ or error.__context__
+    return out
+
+
 def _typed(call, *args, **kwargs):
     """``call(*args, **kwargs)``, with an error MONAI wrapped raised as itself (``unwrap_error``)."""
+    from ..pipeline.nifti_io import write_error
+
+    write_error()
     try:
         return call(*args, **kwargs)
     except RuntimeError as e:
         root = unwrap_error(e)
+        if root is None:
+            root = write_error() if "suitable writer" in " ".join(_messages(e)) else None
         if root is None:
             raise
     raise root  # outside the handler: no context chain back to the wrapper (it holds the root as its cause)
@@ -103,9 +119,12 @@ def predict(
     ``<case>`` is the first input's name without its image suffix (``pipeline.cases.CaseLayout``). Existing outputs
     are an error unless ``overwrite``; every file is written atomically. The options are checked first
     (``config.PredictOptions``, ``ConfigError`` naming the option); ``resampling``, ``nan`` and
-    ``normalization_mask`` default to the official pipeline's behaviour. Beside the label map go its colour tables
-    (``_colors.ctbl``, ``_itksnap_labels.txt``) and, with ``format``, a ``.seg.nrrd`` or a DICOM SEG
-    (``_seg.dcm``, DICOM series input only), written by the bundle (``pipeline.label_files``).
+    ``normalization_mask`` default to the official pipeline's behaviour. The outputs are claimed
+    (``outputs.claim_outputs``: another run on them is an ``InputError`` at once, a killed run's incomplete set is
+    replaced) and checked (names, free space, folder, device) before the model loads; a failure removes what was
+    written. Beside the label map go its colour tables (``_colors.ctbl``, ``_itksnap_labels.txt``) and, with
+    ``format``, a ``.seg.nrrd`` or a DICOM SEG (``_seg.dcm``, DICOM series input only), written by the bundle
+    (``pipeline.label_files``).
     """
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
@@ -114,10 +133,15 @@ def predict(
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
+    for path in inputs:  # what can be checked in a moment is checked before MONAI and the model load
+        if not os.path.exists(path):
+            raise InputError(f"input {path} does not exist")
     if options.format == "dicom-seg":  # output formats (pipeline.label_files): checked before the model loads
         from ..pipeline.label_files import check_format_inputs
 
         check_format_inputs(options.format, inputs)
+    _check_device(options.device)
+    _check_writable(options.out_dir)
     start = time.perf_counter()
     workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
     parsed = lambda name: _typed(workflow.parser.get_parsed_content, name)  # noqa: E731
@@ -126,10 +150,22 @@ def predict(
     if options.probabilities:
         planned["probabilities"] = parsed("probabilities_layout").filename(subject=inputs[0])
     planned.update(companions(layout, planned["label_map"], options.preview, options.format))
-    existing = [p for p in planned.values() if os.path.exists(p)]
-    if existing and not options.overwrite:
-        raise InputError(f"{existing[0]} already exists; choose another --out folder or pass --overwrite")
-    _check_writable(options.out_dir)
+    check_names(planned)
+    with claim_outputs(planned) as claim:
+        existing = [p for p in planned.values() if os.path.exists(p)]
+        if existing and not options.overwrite:
+            if claim.interrupted is None:
+                raise InputError(f"{existing[0]} already exists; choose another --out folder or pass --overwrite")
+            logger.warning("replacing %s, left incomplete by a run that was killed (process %s)", ", ".join(
+                Path(p).name for p in existing), claim.interrupted.get("pid", "?"))
+            workflow.parser["overwrite"] = True
+        check_space(options.out_dir, _output_bytes(inputs[0], options, len(names)))
+        return _segment(workflow, options, layout, names, postfix, start, inputs)
+
+
+def _segment(workflow, options: PredictOptions, layout, names, postfix: str, start: float,
+             inputs: Sequence[str]) -> Prediction:
+    """Run the claimed prediction: the bundle's workflow, then the preview and the volume tables."""
     cases = run_workflow(workflow)
     if len(cases) != 1:
         raise RuntimeError(f"the bundle segmented {len(cases)} cases for one input")
@@ -145,7 +181,7 @@ def predict(
     # output formats (written by the bundle: pipeline.label_files) and the titled, windowed preview
     from .report import preview_title
 
-    model, tasks = parsed("network"), parsed("tasks")
+    model, tasks = (_typed(workflow.parser.get_parsed_content, name) for name in ("network", "tasks"))
     result.colour_table, result.itksnap_labels = files["colour_table"], files["itksnap_labels"]
     result.converted = case.get("converted")
     if options.preview:
@@ -183,6 +219,32 @@ def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
     return overrides
 
 
+def _output_bytes(first_input: str, options: PredictOptions, labels: int) -> int:
+    """An upper bound of what the outputs take on disk (uncompressed label map, probabilities as float32, preview
+    and tables); 0 for a DICOM folder (its size is known only once read)."""
+    if os.path.isdir(first_input):
+        return 0
+    from ..pipeline.cases import describe_file
+
+    shape, _ = describe_file(first_input)
+    voxels = int(np.prod(shape[:3]))
+    return voxels + (voxels * 4 * max(labels, 2) if options.probabilities else 0) + (4 << 20)
+
+
+def _check_device(device: str | None) -> None:
+    """A CUDA device that PyTorch cannot use is an error now, in one line, not deep inside the model's loading."""
+    if device is None or not str(device).startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.device(device).index or 0
+    if index >= count:
+        have = f"{count} CUDA device(s)" if count else f"no CUDA device (torch {torch.__version__})"
+        raise InputError(f"--device {device}: PyTorch sees {have}; use --device cpu, or leave --device out to use "
+                         "a GPU when there is one")
+
+
 def _check_writable(folder: str) -> None:
     """An output folder that cannot be written is an ``OSError`` now, not after the segmentation (MONAI's
     ``SaveImage`` reports a failed write as a ``RuntimeError`` without the cause)."""
@@ -190,9 +252,11 @@ def _check_writable(folder: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", str(existing))
+        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file; choose another --out folder",
+                                 str(existing))
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "cannot write to the output folder", str(existing))
+        raise PermissionError(errno.EACCES, "cannot write to the output folder (permission denied); choose another "
+                              "--out folder", str(existing))
 
 
 def quiet() -> None:
@@ -264,37 +328,3 @@ def run_workflow(workflow) -> list[dict]:
         _typed(workflow.finalize)
     return collect.cases
 
-
-def demo(weights: str | None = None, out_dir: str = "uniseg-demo", task: str = "liver", tta: bool = False,
-         device: str | None = None, overwrite: bool = True, progress: bool = True) -> list[Prediction]:
-    """Segment the sample CT (TotalSegmentator example, from PyPI, sha256-pinned) for ``task`` and for all CT tasks.
-
-    ``weights``: a converted folder, or None for the default published model. The weights are checked first, so
-    a machine without them learns that in one line before anything is downloaded.
-    """
-    from .sample_data import fetch_sample
-
-    source = weights if weights is not None else _published_default()
-    scan = fetch_sample("ct_small")
-    return [predict(scan, t, out_dir, source, device=device, tta=tta, overwrite=overwrite, progress=progress)
-            for t in (task, "all")]
-
-
-def _published_default() -> str:
-    """The default model's name once its file is downloaded (or converted from the original) and verified, or one
-    error saying how to get weights."""
-    from ..errors import NotAvailableOfflineError, NotPublishedError
-    from ..upstream import download
-
-    try:
-        download(DEFAULT_MODEL)
-        return DEFAULT_MODEL
-    except (NotPublishedError, NotAvailableOfflineError) as e:
-        reason = "it is not published on the Hugging Face Hub yet" if isinstance(e, NotPublishedError) else \
-            "it is not in the cache and downloads are off"
-        raise UnisegHubError(
-            f"no UniSeg weights available ({DEFAULT_MODEL}: {reason}); either convert the official checkpoint "
-            f"(uniseg-hub convert model_final_checkpoint.model ./{DEFAULT_MODEL}, then uniseg-hub demo --weights "
-            f"./{DEFAULT_MODEL}) or publish a converted copy (uniseg-hub publish ./{DEFAULT_MODEL} --repo-id "
-            "ORG/NAME) and add its manifest entry"
-        ) from e

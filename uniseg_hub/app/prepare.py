@@ -70,7 +70,7 @@ def vs_official_split(case_names: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _listing(folder: Path, limit: int = 8) -> str:
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()) if folder.is_dir() else []
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in _entries(folder)) if folder.is_dir() else []
     if not entries:
         return "nothing"
     return ", ".join(entries[:limit]) + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
@@ -89,9 +89,16 @@ def _pair_files(images: dict[int, Path], labels: dict[int, Path], where: Path) -
     return {n: (images[n], labels[n]) for n in sorted(images)}
 
 
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise DatasetLayoutError(f"cannot list {folder} ({e.strerror or e}); check its permissions") from None
+
+
 def _scan(folder: Path, pattern: str) -> dict[int, Path]:
     found = {}
-    for path in folder.iterdir():
+    for path in _entries(folder):
         match = re.fullmatch(pattern, path.name)
         if match:
             found[int(match.group(1))] = path
@@ -122,7 +129,7 @@ def _find_btcv(raw: Path) -> tuple[str, dict[int, tuple[Path, Path]]]:
 
 def _find_vs(raw: Path) -> tuple[str, dict[int, tuple[Path, Path]]]:
     for folder in [f for f in _candidates(raw, "VS-SEG") if f.is_dir()]:
-        cases = {int(m.group(1)): p for p in folder.iterdir() if p.is_dir()
+        cases = {int(m.group(1)): p for p in _entries(folder) if p.is_dir()
                  and (m := re.fullmatch(r"vs_gk_(\d+)", p.name))}
         if cases:
             images = {n: p / "vs_gk_t1_refT1.nii.gz" for n, p in cases.items()
@@ -168,17 +175,68 @@ def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequenc
     return [round(float(s), 5) for s in target]
 
 
-def foreground_intensity(cases: Iterable[tuple[Path, Path]]) -> dict[str, float]:
-    """nnU-Net v1's CT intensity properties: every 10th foreground voxel (label > 0) of every case, pooled; their
-    mean, standard deviation and 0.5 / 99.5 percentiles."""
-    samples = []
-    for image, label in cases:
-        data = np.asanyarray(nib.load(str(image)).dataobj)
-        seg = np.asanyarray(nib.load(str(label)).dataobj)
-        if data.shape[:3] != seg.shape[:3]:
-            raise DatasetLayoutError(f"{label} has shape {seg.shape} but {image} has {data.shape}; they must share "
-                                     "one voxel grid")
-        samples.append(np.asarray(data[seg > 0], dtype=np.float64)[::FOREGROUND_STRIDE])
+def _load(path: Path, case: str, what: str):
+    """The NIfTI image at ``path`` (the ``what`` of ``case``), header checked; ``DatasetLayoutError`` naming the case
+    and the file otherwise."""
+    try:
+        image = nib.load(str(path))
+    except Exception as e:  # nibabel raises several types for damaged or unreadable files
+        raise DatasetLayoutError(f"case {case}: cannot read its {what} {path} as NIfTI ({type(e).__name__}: {e}); "
+                                 "extract or download the dataset again, or remove the case") from None
+    shape = image.shape
+    if len(shape) != 3 and not (len(shape) > 3 and all(n == 1 for n in shape[3:])):
+        raise DatasetLayoutError(f"case {case}: its {what} {path} has shape {shape}, not a 3-D volume; "
+                                 "the downstream datasets hold one 3-D image and one 3-D label map per case")
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    if not (np.isfinite(zooms).all() and (zooms > 0).all()) or not np.isfinite(image.affine).all():
+        raise DatasetLayoutError(f"case {case}: its {what} {path} has voxel size {zooms.tolist()} or a non-finite "
+                                 "affine; correct its header or remove the case")
+    return image
+
+
+def _voxels(image, path: Path, case: str, what: str) -> np.ndarray:
+    try:
+        return np.asanyarray(image.dataobj).reshape(image.shape[:3])
+    except Exception as e:  # truncated or corrupted data: EOFError, zlib.error, OSError, ValueError
+        raise DatasetLayoutError(f"case {case}: the voxels of its {what} {path} cannot be read ({type(e).__name__}: "
+                                 f"{e}); the file is damaged: extract or download the dataset again, or remove the "
+                                 "case") from None
+
+
+def check_case(case: str, image_path: Path, label_path: Path, num_labels: int,
+               intensities: bool = False) -> tuple[list[float], list[int], np.ndarray | None]:
+    """Read one case and check it: both files are readable 3-D NIfTI volumes on one voxel grid (shape and affine),
+    and the label map holds only whole numbers from 0 to ``num_labels - 1``. Returns (spacing, shape, every
+    ``FOREGROUND_STRIDE``-th foreground intensity when ``intensities``, else None); ``DatasetLayoutError`` naming
+    the case, the file and the fix otherwise."""
+    image = _load(image_path, case, "image")
+    label = _load(label_path, case, "label map")
+    if image.shape[:3] != label.shape[:3] or not np.allclose(image.affine, label.affine, rtol=1e-4, atol=1e-3):
+        how = "their affines differ" if image.shape[:3] == label.shape[:3] else \
+            f"shape {label.shape[:3]} != {image.shape[:3]}"
+        raise DatasetLayoutError(
+            f"case {case}: the label map {label_path} is not on the voxel grid of the image {image_path} ({how}); "
+            "they must share one grid: resample the label map onto the image (nearest neighbour) or remove the case")
+    seg = _voxels(label, label_path, case, "label map")
+    low, high = (float(seg.min()), float(seg.max())) if seg.size else (0.0, 0.0)
+    whole = np.issubdtype(seg.dtype, np.integer) or bool(np.isfinite(seg).all() and (seg == np.round(seg)).all())
+    if not whole or low < 0 or high > num_labels - 1:
+        raise DatasetLayoutError(
+            f"case {case}: the label map {label_path} holds values from {low:g} to {high:g}"
+            f"{'' if whole else ' (not all whole numbers)'}, but the dataset's labels are the whole numbers 0 to "
+            f"{num_labels - 1}; use the dataset's own label files (or remove the case)")
+    spacing = [float(z) for z in image.header.get_zooms()[:3]]
+    samples = None
+    if intensities:
+        data = _voxels(image, image_path, case, "image")
+        samples = np.asarray(data[seg > 0], dtype=np.float64)[::FOREGROUND_STRIDE]
+    return spacing, [int(n) for n in image.shape[:3]], samples
+
+
+def foreground_intensity(samples: Iterable[np.ndarray]) -> dict[str, float]:
+    """nnU-Net v1's CT intensity properties from every 10th foreground voxel (label > 0) of every case
+    (``check_case``), pooled: their mean, standard deviation and 0.5 / 99.5 percentiles."""
+    samples = list(samples)
     voxels = np.concatenate(samples) if samples else np.zeros(0)
     if voxels.size == 0:
         raise DatasetLayoutError("the label maps hold no foreground voxel; the intensity statistics need labelled "
@@ -186,14 +244,6 @@ def foreground_intensity(cases: Iterable[tuple[Path, Path]]) -> dict[str, float]
     return {"mean": float(voxels.mean()), "std": float(voxels.std()),
             "percentile_00_5": float(np.percentile(voxels, 0.5)),
             "percentile_99_5": float(np.percentile(voxels, 99.5)), "voxels": int(voxels.size)}
-
-
-def _geometry(path: Path) -> tuple[list[float], list[int]]:
-    try:
-        header = nib.load(str(path)).header
-    except Exception as e:  # nibabel raises several types for damaged files
-        raise DatasetLayoutError(f"cannot read {path} as NIfTI ({type(e).__name__}: {e})") from e
-    return [float(z) for z in header.get_zooms()[:3]], [int(n) for n in header.get_data_shape()[:3]]
 
 
 def _relative(path: Path, out: Path) -> str:
@@ -215,11 +265,14 @@ def _write(out_dir: str | os.PathLike, content: dict, overwrite: bool) -> Path:
 def _datalist(name: str, description: str, reference: str, modality: str, labels: Sequence[str], layout: str,
               raw: Path, out: Path, split: str, cases: dict[str, tuple[Path, Path]], train: Sequence[str],
               validation: Sequence[str], intensity: Callable | None) -> dict:
-    geometry = [_geometry(image) for image, _ in cases.values()]
-    properties = {"target_spacing": target_spacing([g[0] for g in geometry], [g[1] for g in geometry]),
-                  "median_shape": [int(v) for v in np.median([g[1] for g in geometry], axis=0)]}
+    if not cases:
+        raise DatasetLayoutError(f"{raw} holds no case; pass the folder where the downloaded dataset was extracted")
+    checked = [check_case(case, image, label, len(labels), intensities=intensity is not None)
+               for case, (image, label) in cases.items()]
+    properties = {"target_spacing": target_spacing([c[0] for c in checked], [c[1] for c in checked]),
+                  "median_shape": [int(v) for v in np.median([c[1] for c in checked], axis=0)]}
     if intensity is not None:
-        properties["intensity"] = intensity(cases.values())
+        properties["intensity"] = intensity(c[2] for c in checked)
 
     def entries(names):
         return [{"case": n, "image": _relative(cases[n][0], out), "label": _relative(cases[n][1], out)}

@@ -16,6 +16,7 @@ from ..config import NAN_POLICIES, NORMALIZATION_MASKS, RESAMPLING, choice
 from ..errors import InputError
 from ..pipeline import InvertToInputd, resolve_tasks
 from .bundle import config_file
+from .predict import unwrap_error
 
 
 def _parser(task, modality: str, overrides: dict) -> ConfigParser:
@@ -58,7 +59,12 @@ def preprocess(image: str | os.PathLike | Sequence[str | os.PathLike] | MetaTens
         transforms, data = parser.get_parsed_content("preprocessing"), {"image": files[0] if len(files) == 1
                                                                          else files}
     pipeline = transforms if isinstance(transforms, Compose) else Compose([t for t in transforms if t is not None])
-    return pipeline(data)["image"]
+    try:
+        return pipeline(data)["image"]
+    except RuntimeError as e:  # MONAI wraps what a transform raises; ours are re-raised as themselves
+        if (cause := unwrap_error(e)) is None:
+            raise
+        raise cause from None
 
 
 def postprocess(prediction: torch.Tensor, image: MetaTensor) -> MetaTensor:

@@ -21,6 +21,8 @@ from ..files import atomic_path, sha256_file
 SDIST = "totalsegmentator==2.18.0"
 SDIST_FILE = "totalsegmentator-2.18.0.tar.gz"
 SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
+SDIST_SIZE = 38_049_988
+"""Bytes of the source archive (what the first ``fetch_sample`` downloads)."""
 PREFIX = "totalsegmentator-2.18.0/tests/reference_files/"
 
 SAMPLES = {
@@ -63,6 +65,24 @@ def _download_sdist(folder: Path) -> Path:
         return target
 
 
+def _is_cached(name: str) -> bool:
+    member, sha256, _ = SAMPLES[name]
+    path = cache_dir() / member
+    return path.is_file() and sha256_file(path) == sha256
+
+
+def download_size(names) -> int:
+    """Bytes that ``fetch_sample`` of every name in ``names`` would download now: 0 when each is cached (or the
+    verified archive is), else the archive's size. No network."""
+    unknown = [n for n in names if n not in SAMPLES]
+    if unknown:
+        raise SampleDataError(f"unknown sample {unknown[0]!r}; the samples are: {', '.join(SAMPLES)}")
+    if all(_is_cached(n) for n in names):
+        return 0
+    archive = cache_dir() / SDIST_FILE
+    return 0 if archive.is_file() and sha256_file(archive) == SDIST_SHA256 else SDIST_SIZE
+
+
 def fetch_sample(name: str) -> Path:
     """Path of a verified sample scan (see ``SAMPLES``), downloading and caching it on first use."""
     if name not in SAMPLES:
@@ -70,7 +90,7 @@ def fetch_sample(name: str) -> Path:
     member, sha256, _ = SAMPLES[name]
     folder = cache_dir()
     path = folder / member
-    if path.is_file() and sha256_file(path) == sha256:
+    if _is_cached(name):
         return path
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / SDIST_FILE

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -72,8 +73,8 @@ class Manifest:
 
 
 def _no_duplicate_keys(pairs):
-    keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    counts = Counter(key for key, _ in pairs)
+    duplicates = sorted(key for key, n in counts.items() if n > 1)
     if duplicates:
         raise ValueError(f"duplicate key(s) {', '.join(map(repr, duplicates))} in one object")
     return dict(pairs)
@@ -88,7 +89,7 @@ def parse_manifest(data, where: str = "manifest") -> Manifest:
         fail("the top level must be an object with schema_version and models")
     unknown = [k for k in data if k not in ("schema_version", "description", "endpoint", "models")]
     if unknown:
-        fail(f"unknown top-level field(s) {', '.join(unknown)}")
+        fail(f"unknown top-level field(s) {', '.join(map(str, unknown))}")
     if data.get("schema_version") != SCHEMA_VERSION:
         fail(f"schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; this uniseg-hub "
              f"{__version__} reads schema {SCHEMA_VERSION} (upgrade uniseg-hub for newer manifests)")
@@ -117,6 +118,9 @@ def _read_manifest(path, origin: str = "") -> Manifest:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except ValueError as e:
         raise ManifestError(f"weights manifest {path}{origin} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ManifestError(f"weights manifest {path}{origin} is nested too deeply to be a manifest; restore the "
+                            "file (or unset UNISEG_HUB_MANIFEST to use the packaged one)") from None
     return parse_manifest(data, f"{path}{origin}")
 
 

@@ -10,8 +10,10 @@ with the same values (``reverse_axes``).
 from __future__ import annotations
 
 import gzip
+import threading
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -40,6 +42,49 @@ def reverse_axes(array: np.ndarray) -> np.ndarray:
     return rows.transpose(0, 1).contiguous().numpy()
 
 
+MIN_SPACING, MAX_SPACING = 1e-3, 100.0
+"""Voxel sizes (mm) outside these bounds are a damaged header, not a scan (micro-CT is ~0.01 mm, thick slices ~10)."""
+MAX_RESAMPLED_VOXELS = 1 << 30
+"""Largest grid (voxels per channel, 4 GiB in float32) an image may be resampled to."""
+
+
+def check_affine(affine, name) -> np.ndarray:
+    """The voxel spacing (mm per axis) of a 3-D image's 4x4 ``affine``; ``InputError`` when it holds NaN or infinity,
+    is singular (no volume per voxel) or gives voxel sizes outside [``MIN_SPACING``, ``MAX_SPACING``] mm."""
+    affine = np.asarray(affine, dtype=np.float64)
+    fix = "; correct the image's header (sform/qform and pixdim), e.g. in 3D Slicer, or export the scan again"
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise InputError(f"{name} has an affine (voxel to world matrix) with NaN or infinite entries{fix}")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    volume = abs(np.linalg.det(affine[:3, :3]))
+    if not volume > 1e-6 * float(np.prod(spacing)) or not spacing.all():
+        raise InputError(f"{name} has a singular affine (its voxel axes are parallel or of size 0, spacing "
+                         f"{_mm(spacing)} mm){fix}")
+    if spacing.min() < MIN_SPACING or spacing.max() > MAX_SPACING:
+        raise InputError(f"{name} has a voxel size of {_mm(spacing)} mm, outside the {MIN_SPACING:g} to "
+                         f"{MAX_SPACING:g} mm of any scan{fix}")
+    return spacing
+
+
+def check_resampled_size(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float], name,
+                         channels: int = 1) -> tuple[int, ...]:
+    """The grid of ``shape`` at ``spacing`` resampled to ``target`` (mm), nnU-Net's ``round(n * s / t)`` voxels;
+    ``InputError`` with the size it would allocate when it exceeds ``MAX_RESAMPLED_VOXELS``."""
+    size = np.maximum(1, np.round(np.asarray(spacing, float) / np.asarray(target, float) * np.asarray(shape)))
+    voxels = float(np.prod(size))
+    if not voxels <= MAX_RESAMPLED_VOXELS:
+        gib = voxels * channels * 4 / 2 ** 30
+        raise InputError(f"{name}: resampling its {tuple(int(n) for n in shape)} voxels of {_mm(spacing)} mm to the "
+                         f"task's {_mm(target)} mm would make a grid of {' x '.join(f'{n:.0f}' for n in size)} voxels "
+                         f"({gib:,.1f} GiB in float32), more than the {MAX_RESAMPLED_VOXELS:,} voxels allowed; check "
+                         "the voxel size in the image's header")
+    return tuple(int(n) for n in size)
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in np.asarray(values, float)) + ")"
+
+
 def read_verified_gzip(path: str | Path) -> bytes:
     """The whole decompressed content of a ``.nii.gz``, with gzip's CRC and length checked: nibabel reads only the
     voxel bytes it needs, never the trailer, so a corrupted or cut-off file would otherwise be segmented."""
@@ -57,9 +102,16 @@ class NiftiReader(NibabelReader):
     would do anyway."""
 
     def _get_array_data(self, img, filename):
-        if str(filename).lower().endswith(".gz"):
-            img = type(img).from_bytes(read_verified_gzip(filename))
-        data = super()._get_array_data(img, filename)
+        try:
+            if str(filename).lower().endswith(".gz"):
+                img = type(img).from_bytes(read_verified_gzip(filename))
+            data = super()._get_array_data(img, filename)
+        except InputError:
+            raise
+        except Exception as e:  # nibabel raises several types for voxels it cannot read (a cut file, a bad header)
+            reason = (str(e).splitlines() or [""])[0]
+            raise InputError(f"cannot read the voxels of {filename} ({type(e).__name__}: {reason}); the file is "
+                             "damaged or incomplete: copy or export it again") from e
         if self.to_gpu or data.ndim != 3 or data.flags.c_contiguous or not data.flags.f_contiguous:
             return data
         return reverse_axes(np.asarray(data).T)
@@ -90,5 +142,22 @@ class AtomicNibabelWriter(NibabelWriter):
 
     def write(self, filename, verbose: bool = False, **kwargs):
         name = str(filename)
-        with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
-            super().write(tmp, verbose=verbose, **kwargs)
+        try:
+            with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
+                super().write(tmp, verbose=verbose, **kwargs)
+        except OSError as e:
+            _WRITE_ERRORS.last = e  # SaveImage turns it into "cannot find a suitable writer" (``write_error``)
+            raise
+
+
+_WRITE_ERRORS = threading.local()
+
+
+def write_error(clear: bool = True) -> OSError | None:
+    """The ``OSError`` (disk full, permission denied...) of this thread's last failed ``AtomicNibabelWriter.write``:
+    MONAI's ``SaveImage`` reports any failed write as ``RuntimeError("... cannot find a suitable writer ...")`` and
+    keeps only its text."""
+    error = getattr(_WRITE_ERRORS, "last", None)
+    if clear:
+        _WRITE_ERRORS.last = None
+    return error

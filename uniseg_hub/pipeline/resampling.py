@@ -34,6 +34,8 @@ from monai.transforms import Invertd, InvertibleTransform, MapTransform
 from monai.utils import TraceKeys
 from scipy import ndimage
 
+from .nifti_io import check_affine, check_resampled_size
+
 AXIS_ALIGNED_TOLERANCE = 1e-6
 """Largest off-diagonal entry of the voxel-to-voxel resampling matrix still treated as axis-aligned."""
 ANISOTROPY_THRESHOLD = 3.0
@@ -149,6 +151,8 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
             affine = np.asarray(image.affine, dtype=np.float64)
             spacing = np.linalg.norm(affine[:3, :3], axis=0)
             in_shape = tuple(int(n) for n in image.shape[1:])
+            name = image.meta.get("filename_or_obj", key)
+            check_resampled_size(in_shape, check_affine(affine, name), self.pixdim, name, image.shape[0])
             out_shape = resampled_shape(in_shape, spacing, self.pixdim)
             axis = lowres_axis(spacing, self.pixdim, self.anisotropy_threshold)
             out = resample_like_nnunet(image.as_tensor(), out_shape, axis, self.order)

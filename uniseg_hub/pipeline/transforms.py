@@ -24,6 +24,7 @@ from ..config import NAN_POLICIES, NORMALIZATION_MASKS, choice, parse_bool
 from ..errors import InputError
 from ..tasks import CT_WINDOW, HEAD_CHANNELS, Task, get_task
 from .cases import check_dicom_folder, describe_file
+from .nifti_io import check_affine, check_resampled_size
 
 
 class CheckInputFilesd(MapTransform):
@@ -72,16 +73,21 @@ class CheckInputFilesd(MapTransform):
 
 
 class CheckImaged(MapTransform):
-    """Check a loaded, channel-first image: 3-D, the expected channel count, not empty, no infinity.
+    """Check a loaded, channel-first image: 3-D, the expected channel count, a finite, non-singular affine with voxel
+    sizes a scan can have (``check_affine``), not empty (all zeros, or one value everywhere), no infinity.
 
     ``nan``: ``"zero"`` lets NaN voxels through for ``ZeroNaNd`` (the official preprocessing sets them to 0);
-    ``"refuse"`` makes them an error too.
+    ``"refuse"`` makes them an error too. ``pixdim``: the spacing the image will be resampled to; when given, a
+    resampled grid above ``MAX_RESAMPLED_VOXELS`` is refused before anything is allocated (the resampling checks it
+    again itself).
     """
 
-    def __init__(self, keys: KeysCollection, channels: int, nan: str = "zero", allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, channels: int, nan: str = "zero", pixdim: Sequence[float] | None = None,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.channels = channels
         self.nan = choice(nan, "nan", NAN_POLICIES)
+        self.pixdim = None if pixdim is None else tuple(float(p) for p in pixdim)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -93,6 +99,10 @@ class CheckImaged(MapTransform):
                                  "UniSeg segments 3-D volumes")
             if image.shape[0] != self.channels:
                 raise InputError(f"{name} has {image.shape[0]} channel(s), the task takes {self.channels}")
+            if isinstance(image, MetaTensor):
+                spacing = check_affine(image.affine, name)
+                if self.pixdim is not None:
+                    check_resampled_size(image.shape[1:], spacing, self.pixdim, name, image.shape[0])
             values = torch.as_tensor(image)
             low, high = torch.aminmax(values) if values.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             if not (torch.isfinite(low) and torch.isfinite(high)):  # one pass; NaN and infinity propagate
@@ -106,6 +116,9 @@ class CheckImaged(MapTransform):
                 low, high = torch.aminmax(finite) if finite.numel() else (torch.tensor(0.0), torch.tensor(0.0))
             if low == 0 and high == 0:
                 raise InputError(f"{name} is empty (shape {tuple(image.shape[1:])}, no non-zero voxel)")
+            if low == high and values[0].numel() > 1:  # one voxel is one value: segmented as it is
+                raise InputError(f"{name} is empty: every voxel has the value {float(low):.6g} (shape "
+                                 f"{tuple(image.shape[1:])}), there is nothing to segment; check the file")
         return d
 
 

@@ -172,6 +172,8 @@ class TrainingLog:
 def _swap_in(partial: Path, target: Path) -> None:
     """Replace folder ``target`` by ``partial`` with renames only: readers see the old or the new folder whole."""
     previous = target.with_name(f".{target.name}.previous")
+    if not target.exists() and previous.exists():  # an interrupted swap: the previous folder is the last good one
+        os.replace(previous, target)
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists():
         os.replace(target, previous)
@@ -254,11 +256,19 @@ class TrainingCheckpoint:
         model = unwrap(self.network)
         partial = target.with_name(f".{target.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        save_folder(partial, model.state_dict(), model.config, source={**self.source, **extra_source})
-        if training_state is not None:
-            with atomic_path(partial / STATE_FILE) as tmp:
-                torch.save(dict(training_state), tmp)
-        _swap_in(partial, target)
+        try:
+            save_folder(partial, model.state_dict(), model.config, source={**self.source, **extra_source})
+            if training_state is not None:
+                with atomic_path(partial / STATE_FILE) as tmp:
+                    torch.save(dict(training_state), tmp)
+            _swap_in(partial, target)
+        except OSError as e:  # a full disk, a quota, a vanished mount: the previous checkpoint stays as it was
+            shutil.rmtree(partial, ignore_errors=True)
+            kept = next((f for f in (target, target.with_name(f".{target.name}.previous")) if f.is_dir()), None)
+            raise TrainingError(
+                f"could not write the checkpoint {target} ({e.strerror or e}); "
+                + (f"the previous checkpoint in {kept} is intact" if kept else "no earlier checkpoint exists")
+                + ": free disk space (or choose another --ckpt_dir) and continue with --resume true") from e
 
     def save_last(self, engine: Engine) -> None:
         if engine.state.iteration == self._saved_iteration:
@@ -296,8 +306,14 @@ class TrainingCheckpoint:
                 f"nothing to resume: {self.last_dir} holds no checkpoint ({STATE_FILE}); start a new run without "
                 "--resume, or point --ckpt_dir at the run to continue"
             )
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        if state.get("format_version") != STATE_FORMAT:
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged pickle or zip
+            raise ResumeError(f"cannot read {folder / STATE_FILE} ({type(e).__name__}: {str(e)[:200]}); the "
+                              "checkpoint is damaged: start a new run without --resume (or with --overwrite true)") \
+                from None
+        if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT:
+            state = state if isinstance(state, dict) else {}
             raise ResumeError(f"{folder / STATE_FILE} has format {state.get('format_version')}, expected "
                               f"{STATE_FORMAT}; it was written by another uniseg-hub version")
         trainer = state["trainer"]
