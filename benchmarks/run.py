@@ -544,7 +544,7 @@ def instrument(timers: dict, flips: int | None):
         "merge_argmax": [inference.MergeTasksd, inference.ArgMaxd],
         "resample_back": [resampling.InvertToInputd],  # includes its Invertd fallback when that runs
         "write": [mt.SaveImaged],
-        "inferer": [monai.inferers.SlidingWindowInferer],
+        "inferer": [monai.inferers.SlidingWindowInferer, inference.NnUNetSlidingWindowInferer],
     }
     for key, classes in groups.items():
         for cls in classes:

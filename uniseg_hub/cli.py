@@ -252,8 +252,8 @@ def publish(folder: str, *, repo_id: str, name=None, description=None, source_ur
 def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model: str = "uniseg-11task",
             device=None, tta: bool = True, overlap: float = 0.5, probabilities: bool = False, preview: bool = True,
             overwrite: bool = False, progress: bool = True, modality: str = "CT", resampling: str = "nnunet",
-            nan: str = "zero", normalization_mask: str = "training", format: str = "nifti",
-            json: bool = False) -> None:
+            nan: str = "zero", normalization_mask: str = "training", window: str = "nnunet",
+            format: str = "nifti", json: bool = False) -> None:
     """Segment a scan for one task or all tasks: label map, PNG preview and label volumes.
 
     INPUT is a NIfTI file, a DICOM series folder, or one file per channel for multi-channel tasks (brats: T1, T1ce,
@@ -268,7 +268,8 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
             Hub repository written by `uniseg-hub publish` (ORG/NAME or ORG/NAME@REVISION).
         device: cpu, cuda or cuda:N (default: cuda when available).
         tta: 8-flip mirror test-time augmentation, as the official inference (--tta False is 8x faster).
-        overlap: sliding-window overlap (official 0.5).
+        overlap: sliding-window overlap (official 0.5, nnU-Net's step size 1 - overlap: windows at most half a patch
+            apart).
         probabilities: also write the probabilities on the input's grid.
         preview: write the PNG preview.
         overwrite: replace existing outputs.
@@ -279,6 +280,8 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         nan: zero (official: NaN voxels count as 0, with a warning) or refuse (an error).
         normalization_mask: training (BraTS z-scored over non-zero voxels, as the weights were trained) or none
             (over the whole image, as the official predict.py does).
+        window: nnunet (official: nnU-Net v1's evenly spread windows and Gaussian weighting) or monai (MONAI's
+            SlidingWindowInferer: other positions and Gaussian map; a deviation).
         format: nifti (the label map with its colour tables for 3D Slicer and ITK-SNAP), seg.nrrd (also a 3D Slicer
             segmentation file with names and colours) or dicom-seg (also a DICOM Segmentation referencing the
             input series; DICOM series input only, needs uniseg-hub[dicom]).
@@ -292,14 +295,15 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
     try:  # a wrong option value is a usage error, found before anything is loaded
         PredictOptions(task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                        probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
-                       modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask)
+                       modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
+                       window=window, format=format)
     except ConfigError as e:
         usage_error("predict", " ".join(str(e).split()))
     quiet()
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                  probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                  modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
-                 format=format)
+                 window=window, format=format)
     emit(result.as_dict(), json, _describe(result))
 
 

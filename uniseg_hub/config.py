@@ -598,10 +598,12 @@ class PredictOptions:
         device: ``None`` (the bundle's default: CUDA when available) or what ``torch.device`` takes (``cpu``,
             ``cuda``, ``cuda:1``), normalised by it.
         tta, probabilities, preview, overwrite, progress: switches (``parse_bool``).
-        overlap: the sliding windows' overlap, in [0, 1). sw_batch_size: windows per network call, 1 or more.
+        overlap: the sliding windows' overlap, in [0, 1): nnU-Net's ``step_size`` is ``1 - overlap`` (with the
+            ``nnunet`` window the windows are spread evenly, at most ``1 - overlap`` of a patch apart).
+        sw_batch_size: windows per network call, 1 or more.
         modality: ``CT`` or ``MR``, the group ``task="all"`` takes for 1-channel input.
-        resampling, nan, normalization_mask: the official behaviour by default, deviations on request
-            (``RESAMPLING``, ``NAN_POLICIES``, ``NORMALIZATION_MASKS``).
+        resampling, nan, normalization_mask, window: the official behaviour by default, deviations on request
+            (``RESAMPLING``, ``NAN_POLICIES``, ``NORMALIZATION_MASKS``, ``WINDOWS``).
         format: the label map's extra format beside the NIfTI (``FORMATS``): ``nifti`` (none), ``seg.nrrd`` (3D
             Slicer) or ``dicom-seg`` (a DICOM Segmentation; DICOM series input only).
     """
@@ -621,6 +623,7 @@ class PredictOptions:
     resampling: str = "nnunet"
     nan: str = "zero"
     normalization_mask: str = "training"
+    window: str = "nnunet"
     format: str = "nifti"
 
     def __post_init__(self):
@@ -646,6 +649,7 @@ class PredictOptions:
         values["resampling"] = choice(self.resampling, "resampling", RESAMPLING)
         values["nan"] = choice(self.nan, "nan", NAN_POLICIES)
         values["normalization_mask"] = choice(self.normalization_mask, "normalization_mask", NORMALIZATION_MASKS)
+        values["window"] = choice(self.window, "window", WINDOWS)
         values["format"] = choice(self.format, "format", FORMATS)
         values["device"] = None if self.device is None else _device(self.device)
         for name, value in values.items():
@@ -655,6 +659,10 @@ class PredictOptions:
 RESAMPLING = ("nnunet", "monai")
 """``nnunet``: the official grid and cubic spline (``pipeline.ResampleToSpacingd``); ``monai``: MONAI's
 ``Spacingd``, trilinear on a centre-aligned grid of the exact target spacing (a deviation)."""
+WINDOWS = ("nnunet", "monai")
+"""``nnunet``: the official sliding window (``pipeline.sliding_window``: nnU-Net v1's evenly spread positions and
+Gaussian map); ``monai``: MONAI's ``SlidingWindowInferer`` (fixed step, last window at the border, MONAI's Gaussian
+clamped to 1e-3; a deviation)."""
 NAN_POLICIES = ("zero", "refuse")
 """``zero``: NaN voxels become 0 with a warning that counts them, as the official preprocessing does; ``refuse``:
 one error."""

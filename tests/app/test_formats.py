@@ -279,9 +279,10 @@ def test_predict_writes_seg_nrrd_on_the_label_maps_grid(converted_small, small_c
     assert f"1 kidney {kidney[0]} {kidney[1]} {kidney[2]} 255" in table
 
 
-@pytest.mark.parametrize("fmt, message", [("dicom-seg", "error: --format dicom-seg needs a DICOM series folder"),
-                                          ("rtstruct", "error: format must be one of nifti, seg.nrrd, dicom-seg")])
-def test_the_command_line_refuses_a_format_in_one_line(tmp_path, capsys, fmt, message):
+@pytest.mark.parametrize("fmt, code, message", [
+    ("dicom-seg", 1, "error: --format dicom-seg needs a DICOM series folder"),  # a user error
+    ("rtstruct", 2, "error: format must be one of nifti, seg.nrrd, dicom-seg")])  # a usage error
+def test_the_command_line_refuses_a_format_in_one_line(tmp_path, capsys, fmt, code, message):
     from uniseg_hub import cli
 
     scan = tmp_path / "scan.nii.gz"
@@ -289,7 +290,7 @@ def test_the_command_line_refuses_a_format_in_one_line(tmp_path, capsys, fmt, me
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", str(scan), "--out", str(tmp_path / "out"), "--format", fmt])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and err.startswith(message) and "\n" not in err, err
+    assert exit_info.value.code == code and err.startswith(message) and "\n" not in err, err
 
 
 def test_dicom_seg_numbers_segments_from_one_whatever_the_label_values(tmp_path):

@@ -153,7 +153,8 @@ def test_unwrapping_takes_only_monais_wrappers():
 
 @pytest.mark.parametrize("option, value", [("overlap", "abc"), ("overlap", 1.5), ("overlap", -0.1), ("tta", "maybe"),
                                            ("sw_batch_size", 0), ("sw_batch_size", "two"), ("device", "gpu"),
-                                           ("modality", "PET"), ("preview", "sometimes"), ("out_dir", "")])
+                                           ("modality", "PET"), ("preview", "sometimes"), ("out_dir", ""),
+                                           ("window", "gaussian")])
 def test_options_are_checked_once_and_name_the_option(option, value, tmp_path):
     with pytest.raises(ConfigError, match=option):
         PredictOptions(**{option: value})

@@ -110,6 +110,7 @@ def predict(
     resampling: str = "nnunet",
     nan: str = "zero",
     normalization_mask: str = "training",
+    window: str = "nnunet",
     format: str = "nifti",
 ) -> Prediction:
     """Segment one scan (one file, or one file per channel, or a DICOM series folder) for a task or ``"all"``.
@@ -118,8 +119,8 @@ def predict(
     .nii.gz``, ``<case>_<task>_preview.png`` and ``<case>_<task>_volumes.{json,csv}`` into ``out_dir``, where
     ``<case>`` is the first input's name without its image suffix (``pipeline.cases.CaseLayout``). Existing outputs
     are an error unless ``overwrite``; every file is written atomically. The options are checked first
-    (``config.PredictOptions``, ``ConfigError`` naming the option); ``resampling``, ``nan`` and
-    ``normalization_mask`` default to the official pipeline's behaviour. The outputs are claimed
+    (``config.PredictOptions``, ``ConfigError`` naming the option); ``resampling``, ``nan``,
+    ``normalization_mask`` and ``window`` default to the official pipeline's behaviour. The outputs are claimed
     (``outputs.claim_outputs``: another run on them is an ``InputError`` at once, a killed run's incomplete set is
     replaced) and checked (names, free space, folder, device) before the model loads; a failure removes what was
     written. Beside the label map go its colour tables (``_colors.ctbl``, ``_itksnap_labels.txt``) and, with
@@ -129,7 +130,7 @@ def predict(
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                              modality=modality, sw_batch_size=sw_batch_size, resampling=resampling, nan=nan,
-                             normalization_mask=normalization_mask, format=format)
+                             normalization_mask=normalization_mask, window=window, format=format)
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
@@ -212,7 +213,7 @@ def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
                  "progress": options.progress, "save_probabilities": options.probabilities,
                  "keep_source": options.preview, "sw_batch_size": options.sw_batch_size,
                  "resampling": options.resampling, "nan": options.nan,
-                 "normalization_mask": options.normalization_mask}
+                 "normalization_mask": options.normalization_mask, "window": options.window}
     overrides["format"] = options.format
     if options.device is not None:
         overrides["device"] = f"$torch.device({options.device!r})"
