@@ -134,6 +134,18 @@ def test_the_legend_of_all_seventeen_labels_fits_beside_the_views(tmp_path):
         assert np.any(np.all(np.abs(png - np.array(colour) / 255) < 0.01, axis=2)), colour
 
 
+def test_a_legend_of_long_names_is_shortened_rather_than_clipped(tmp_path):
+    image, _ = phantom()
+    labels = np.zeros(SHAPE, np.uint8)
+    for value in range(1, 19):
+        labels[2 * value: 2 * value + 2, 5:25, 5:15] = value
+    names = {0: "background", **{v: f"structure {v} " + "with a very long descriptive name " * 3 for v in range(1, 19)}}
+    info = render_preview(image, labels, RAS, names, tmp_path / "long.png", window="ct")
+    left, top, right, bottom = info["legend"]["box"]
+    assert 0 <= top and bottom <= PREVIEW_SIZE[1] and right <= PREVIEW_SIZE[0], info["legend"]
+    assert all(left >= view["box"][2] for view in info["views"].values())
+
+
 def test_the_model_version_names_the_weights():
     class Model:
         pretrained_cfg = {"name": "uniseg-11task", "revision": "0123456789abcdef"}

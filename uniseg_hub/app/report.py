@@ -145,21 +145,29 @@ def _plane(volume: np.ndarray, cut: int, index: int, horizontal: int, reverse: b
     return plane[:, ::-1] if reverse else plane
 
 
-def _fit_legend(figure, area, handles, renderer):
-    """A legend in the ``area`` axes, in the largest font (and fewest columns) that keeps it inside them."""
+def _shorten(text: str, length: int | None) -> str:
+    return text if length is None or len(text) <= length else text[: length - 1] + "\u2026"
+
+
+def _fit_legend(area, entries, renderer):
+    """A legend of ``entries`` ((colour, text) pairs) in the ``area`` axes, in the largest font (and fewest columns)
+    that keeps it inside them; names are shortened (with an ellipsis) only if even the smallest font does not fit."""
     box = area.get_window_extent(renderer)
     legend = None
-    for columns in (1, 2):
-        for size in (12, 11, 10, 9, 8, 7, 6, 5):
-            if legend is not None:
-                legend.remove()
-            legend = area.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, 1), ncol=columns,
-                                 fontsize=size, frameon=False, borderaxespad=0, handlelength=1.2,
-                                 columnspacing=0.8, labelspacing=0.4)
-            extent = legend.get_window_extent(renderer)
-            if extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1 and extent.y0 >= box.y0 - 1 and \
-                    extent.y1 <= box.y1 + 1:
-                return legend, size
+    for length in (None, 40, 24, 12):
+        handles = [Patch(facecolor=colour, edgecolor="white", label=_shorten(text, length))
+                   for colour, text in entries]
+        for columns in (1, 2):
+            for size in (12, 11, 10, 9, 8, 7, 6):
+                if legend is not None:
+                    legend.remove()
+                legend = area.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, 1), ncol=columns,
+                                     fontsize=size, frameon=False, borderaxespad=0, handlelength=1.2,
+                                     columnspacing=0.8, labelspacing=0.4)
+                extent = legend.get_window_extent(renderer)
+                if extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1 and extent.y0 >= box.y0 - 1 and \
+                        extent.y1 <= box.y1 + 1:
+                    return legend, size
     return legend, size
 
 
@@ -213,12 +221,11 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
         views[name] = {"ax": ax, "letters": letters, "index": index}
     area = figure.add_axes((0.775, 0.03, 0.22, 0.83))
     area.set_axis_off()
-    handles = [Patch(facecolor=label_colour(v, label_names.get(v)), edgecolor="white",
-                     label=f"{v}: {label_names.get(v, '?')}") for v in present]
+    entries = [(label_colour(v, label_names.get(v)), f"{v}: {label_names.get(v, '?')}") for v in present]
     renderer = figure.canvas.get_renderer()
     legend, font = None, None
-    if handles:
-        legend, font = _fit_legend(figure, area, handles, renderer)
+    if entries:
+        legend, font = _fit_legend(area, entries, renderer)
         for text in legend.get_texts():
             text.set_color("white")
     else:
