@@ -140,7 +140,10 @@ def test_a_legend_of_long_names_is_shortened_rather_than_clipped(tmp_path):
     for value in range(1, 19):
         labels[2 * value: 2 * value + 2, 5:25, 5:15] = value
     names = {0: "background", **{v: f"structure {v} " + "with a very long descriptive name " * 3 for v in range(1, 19)}}
-    info = render_preview(image, labels, RAS, names, tmp_path / "long.png", window="ct")
+    title = "a-case-with-a-very-long-name-" * 8 + "  |  task: all  |  model: a-fine-tuned-model-folder"
+    info = render_preview(image, labels, RAS, names, tmp_path / "long.png", title=title, window="ct")
+    title_left, _, title_right, _ = info["title"]["box"]
+    assert 0 <= title_left and title_right <= PREVIEW_SIZE[0] and info["title"]["text"].startswith("a-case-with")
     left, top, right, bottom = info["legend"]["box"]
     assert 0 <= top and bottom <= PREVIEW_SIZE[1] and right <= PREVIEW_SIZE[0], info["legend"]
     assert all(left >= view["box"][2] for view in info["views"].values())

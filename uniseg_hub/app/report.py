@@ -230,7 +230,13 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
             text.set_color("white")
     else:
         area.text(0, 1, "no structure segmented", va="top", color="white", fontsize=12, transform=area.transAxes)
-    figure.suptitle(title, color="white", fontsize=13)
+    heading = figure.suptitle(title, color="white", fontsize=13)
+    for size in (12, 11, 10, 9, 8, 7, 6):  # a long case name or model: a smaller title, never a clipped one
+        if heading.get_window_extent(renderer).width <= width - 10:
+            break
+        heading.set_fontsize(size)
+    else:
+        heading.set_text(_shorten(title, int(len(title) * (width - 10) / heading.get_window_extent(renderer).width)))
     figure.canvas.draw()
 
     def pixels(artist) -> tuple[float, float, float, float]:
@@ -242,7 +248,8 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
         figure.savefig(tmp, dpi=_DPI, format="png", facecolor="black")
     result = {"slices": {"x": x, "y": y, "z": z}, "focus_label": focus, "labels_shown": present,
               "window": (float(low), float(high)), "views": drawn,
-              "legend": None if legend is None else {"box": pixels(legend), "fontsize": font}}
+              "legend": None if legend is None else {"box": pixels(legend), "fontsize": font},
+              "title": {"text": heading.get_text(), "box": pixels(heading)}}
     plt.close(figure)
     return result
 
