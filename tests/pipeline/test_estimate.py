@@ -4,26 +4,26 @@ import time
 
 import pytest
 import torch
-from monai.inferers import SlidingWindowInferer
 
 from uniseg_hub.networks import UniSeg
 from uniseg_hub.pipeline import resolve_tasks
 from uniseg_hub.pipeline.estimate import WindowTimes, estimate_run, time_window, window_positions
 from uniseg_hub.pipeline.resampling import resampled_shape
+from uniseg_hub.pipeline.sliding_window import NnUNetSlidingWindowInferer
 from uniseg_hub.tasks import get_task
 
 SMALL_PATCH = (64, 64, 32)
 
 
 def positions_run(shape, patch, overlap):
-    """How many windows MONAI's SlidingWindowInferer hands the network for an image of ``shape``."""
+    """How many windows the bundle's default inferer (nnU-Net's positions) hands the network for ``shape``."""
     calls = []
 
     def network(x):
         calls.append(x.shape[0])
         return x
 
-    SlidingWindowInferer(patch, sw_batch_size=1, overlap=overlap)(torch.zeros(1, 1, *shape), network)
+    NnUNetSlidingWindowInferer(patch, sw_batch_size=1, overlap=overlap)(torch.zeros(1, 1, *shape), network)
     return sum(calls)
 
 
@@ -33,6 +33,8 @@ def positions_run(shape, patch, overlap):
     ((60, 50, 40), (1.0, 1.0, 2.5), (1.5, 1.5, 3.0), (32, 32, 16), 0.25),
     ((20, 20, 20), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (32, 32, 32), 0.5),  # smaller than the patch: one window
     ((97, 33, 64), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (32, 32, 32), 0.0),
+    # a step p * 0.7 = 134.4 that is not whole: nnU-Net places 4 windows along the first axis, MONAI's rule 5
+    ((595, 20, 20), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (192, 32, 32), 0.3),
 ])
 def test_window_positions_are_those_the_inferer_runs(shape, spacing, target, patch, overlap):
     expected = positions_run(resampled_shape(shape, spacing, target), patch, overlap)

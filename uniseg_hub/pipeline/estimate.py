@@ -1,8 +1,8 @@
 """How long a prediction will take, before it runs: sliding-window positions x the time of one window.
 
 The number of positions follows from the scan's grid: resampled to the task's spacing (nnU-Net v1's grid size,
-``resampling.resampled_shape``), padded up to the patch, then ``ceil((n - p) / step) + 1`` positions per axis with
-``step = p * (1 - overlap)``, the count of MONAI's ``SlidingWindowInferer`` and of nnU-Net's step rule alike. The
+``resampling.resampled_shape``), then the positions of the bundle's default window, nnU-Net v1's
+(``sliding_window.window_starts``: one window along an axis not longer than the patch). The
 time of one window is measured: the network's encoder once and one task's decoder once, on a patch of zeros, on
 the device that will run, after one untimed pass that pays the one-off costs (the all-tasks mode runs the encoder
 once and every task's decoder per window; mirroring multiplies by 8). Resampling, loading and writing are not
@@ -20,6 +20,7 @@ import torch
 
 from ..tasks import Task
 from .resampling import resampled_shape
+from .sliding_window import window_starts
 
 MIRROR_PASSES = 8
 """Network passes per window with test-time mirroring (every subset of the three axes flipped)."""
@@ -28,11 +29,8 @@ MIRROR_PASSES = 8
 def window_positions(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float],
                      patch_size: Sequence[int], overlap: float = 0.5) -> int:
     """Sliding-window positions for a scan of ``shape`` voxels of ``spacing`` mm, resampled to ``target_spacing``."""
-    total = 1
-    for n, p in zip(resampled_shape(shape, spacing, target_spacing), patch_size):
-        step = max(1, int(p * (1 - overlap)))
-        total *= 1 if n <= p else math.ceil((n - p) / step) + 1
-    return total
+    starts = window_starts(resampled_shape(shape, spacing, target_spacing), patch_size, overlap)
+    return math.prod(len(axis) for axis in starts)
 
 
 @dataclass(frozen=True)
