@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "uniseg_hub"
 
 LAYERS = [
-    {"errors", "tasks", "files", "config"},
+    {"errors", "tasks", "files", "config", "palette"},
     {"networks"},
     {"weights", "hub"},
     {"transfer", "upstream"},

@@ -253,7 +253,7 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
             device=None, tta: bool = True, overlap: float = 0.5, probabilities: bool = False, preview: bool = True,
             overwrite: bool = False, progress: bool = True, modality: str = "CT", resampling: str = "nnunet",
             nan: str = "zero", normalization_mask: str = "training", window: str = "nnunet",
-            json: bool = False) -> None:
+            format: str = "nifti", json: bool = False) -> None:
     """Segment a scan for one task or all tasks: label map, PNG preview and label volumes.
 
     INPUT is a NIfTI file, a DICOM series folder, or one file per channel for multi-channel tasks (brats: T1, T1ce,
@@ -282,6 +282,9 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
             (over the whole image, as the official predict.py does).
         window: nnunet (official: nnU-Net v1's evenly spread windows and Gaussian weighting) or monai (MONAI's
             SlidingWindowInferer: other positions and Gaussian map; a deviation).
+        format: nifti (the label map with its colour tables for 3D Slicer and ITK-SNAP), seg.nrrd (also a 3D Slicer
+            segmentation file with names and colours) or dicom-seg (also a DICOM Segmentation referencing the
+            input series; DICOM series input only, needs uniseg-hub[dicom]).
         json: print the result as JSON.
     """
     from .app.predict import predict as run
@@ -293,14 +296,14 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         PredictOptions(task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                        probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                        modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
-                       window=window)
+                       window=window, format=format)
     except ConfigError as e:
         usage_error("predict", " ".join(str(e).split()))
     quiet()
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                  probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                  modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
-                 window=window)
+                 window=window, format=format)
     emit(result.as_dict(), json, _describe(result))
 
 
@@ -308,6 +311,8 @@ def _describe(result) -> str:
     lines = [f"{result.task}: {result.label_map} ({result.seconds:.1f} s)"]
     lines += [f"  {name}: {path}" for name, path in (("preview", result.preview), ("volumes", result.volumes_csv),
                                                       ("probabilities", result.probabilities)) if path]
+    lines += [f"  {name}: {path}" for name, path in (("segmentation", result.converted),
+                                                      ("colours", result.colour_table)) if path]
     lines += [f"  {r['label']:>2} {r['name']:<28} {r['volume_ml']:>10.1f} mL" for r in result.volumes if r["voxels"]]
     return "\n".join(lines)
 

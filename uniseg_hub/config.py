@@ -604,6 +604,8 @@ class PredictOptions:
         modality: ``CT`` or ``MR``, the group ``task="all"`` takes for 1-channel input.
         resampling, nan, normalization_mask, window: the official behaviour by default, deviations on request
             (``RESAMPLING``, ``NAN_POLICIES``, ``NORMALIZATION_MASKS``, ``WINDOWS``).
+        format: the label map's extra format beside the NIfTI (``FORMATS``): ``nifti`` (none), ``seg.nrrd`` (3D
+            Slicer) or ``dicom-seg`` (a DICOM Segmentation; DICOM series input only).
     """
 
     task: str = "liver"
@@ -622,6 +624,7 @@ class PredictOptions:
     nan: str = "zero"
     normalization_mask: str = "training"
     window: str = "nnunet"
+    format: str = "nifti"
 
     def __post_init__(self):
         import os
@@ -647,6 +650,7 @@ class PredictOptions:
         values["nan"] = choice(self.nan, "nan", NAN_POLICIES)
         values["normalization_mask"] = choice(self.normalization_mask, "normalization_mask", NORMALIZATION_MASKS)
         values["window"] = choice(self.window, "window", WINDOWS)
+        values["format"] = choice(self.format, "format", FORMATS)
         values["device"] = None if self.device is None else _device(self.device)
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -665,6 +669,9 @@ one error."""
 NORMALIZATION_MASKS = ("training", "none")
 """BraTS z-scoring: ``training`` over the non-zero voxels, as the weights were trained; ``none`` over the whole
 image, as the official ``predict.py`` does (it disables the masks)."""
+FORMATS = ("nifti", "seg.nrrd", "dicom-seg")
+"""The label map's formats: ``nifti`` alone (always written, with colour tables beside it), or also a 3D Slicer
+``.seg.nrrd`` or a DICOM Segmentation (``pipeline.label_files``)."""
 
 
 def choice(value, name: str, choices: tuple[str, ...]) -> str:

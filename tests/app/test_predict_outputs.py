@@ -47,7 +47,8 @@ def test_an_upper_case_suffix_names_every_output_after_the_case(converted_small,
     shutil.copy(small_ct, scan)
     result = run(scan, tmp_path / "out", converted_small, task="liver")
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["SCAN_liver.nii.gz", "SCAN_liver_preview.png", "SCAN_liver_volumes.csv",
+    assert sorted(os.listdir(out)) == ["SCAN_liver.nii.gz", "SCAN_liver_colors.ctbl", "SCAN_liver_itksnap_labels.txt",
+                                       "SCAN_liver_preview.png", "SCAN_liver_volumes.csv",
                                        "SCAN_liver_volumes.json"]  # nothing else: no .tmp, no SCAN.NII_liver...
     assert result.label_map == str(out / "SCAN_liver.nii.gz") and result.preview == str(out / "SCAN_liver_preview.png")
     assert (result.volumes_json, result.volumes_csv) == (str(out / "SCAN_liver_volumes.json"),
@@ -74,7 +75,7 @@ def test_each_input_is_opened_once_and_no_output_is_read_back(converted_small, s
     assert result.probabilities == str(tmp_path / "out" / "case_ct_autopet_probabilities.nii.gz")
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
         f"case_ct_autopet{s}" for s in (".nii.gz", "_probabilities.nii.gz", "_preview.png", "_volumes.json",
-                                        "_volumes.csv"))
+                                        "_volumes.csv", "_colors.ctbl", "_itksnap_labels.txt"))
     # the preview shows the scan as loaded (both channels, channel-first) and the label map as saved
     image, labels, affine = drawn["args"][:3]
     source = np.asanyarray(nib.load(ct).dataobj)

@@ -75,7 +75,9 @@ def test_inference_end_to_end_on_real_ct_through_the_cli(converted_small, data, 
     # a second run (in-process this time) gives the same label map
     run_bundle(converted_small, tmp_path / "b", input=str(data["ct"]), task="liver")
     np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "b" / "ct_liver.nii.gz").dataobj), labels)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ct_liver.nii.gz"]  # nothing temporary left
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [  # nothing temporary left
+        "ct_liver.nii.gz", "ct_liver_colors.ctbl", "ct_liver_itksnap_labels.txt"]  # names and colours beside it
+    assert "\n2 liver_tumour " in (tmp_path / "a" / "ct_liver_colors.ctbl").read_text()
 
 
 @pytest.mark.slow

@@ -59,7 +59,8 @@ def listing(folder: Path) -> list[str] | None:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else None
 
 
-OUTPUTS = ["ct_liver.nii.gz", "ct_liver_preview.png", "ct_liver_volumes.csv", "ct_liver_volumes.json"]
+OUTPUTS = ["ct_liver.nii.gz", "ct_liver_colors.ctbl", "ct_liver_itksnap_labels.txt", "ct_liver_preview.png",
+           "ct_liver_volumes.csv", "ct_liver_volumes.json"]
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +193,8 @@ def test_a_tiny_scan_is_segmented_with_preview_and_valid_json(scans, converted_s
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout)
     assert printed["task"] == "liver" and Path(printed["preview"]).is_file()
-    assert listing(tmp_path / "out") == ["tiny_liver.nii.gz", "tiny_liver_preview.png", "tiny_liver_volumes.csv",
-                                         "tiny_liver_volumes.json"]
+    assert listing(tmp_path / "out") == ["tiny_liver.nii.gz", "tiny_liver_colors.ctbl", "tiny_liver_itksnap_labels.txt",
+                                         "tiny_liver_preview.png", "tiny_liver_volumes.csv", "tiny_liver_volumes.json"]
     assert nib.load(printed["label_map"]).shape == (2, 2, 1)
 
 
@@ -322,7 +323,8 @@ def test_an_upper_case_input_name_gives_the_right_output_names(scans, converted_
     upper.write_bytes(scans["ct"].read_bytes())
     result = predict(upper, tmp_path / "out", converted_small, "--nopreview", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert listing(tmp_path / "out") == ["CT_liver.nii.gz", "CT_liver_volumes.csv", "CT_liver_volumes.json"]
+    assert listing(tmp_path / "out") == ["CT_liver.nii.gz", "CT_liver_colors.ctbl", "CT_liver_itksnap_labels.txt",
+                                         "CT_liver_volumes.csv", "CT_liver_volumes.json"]
 
 
 @pytest.mark.slow

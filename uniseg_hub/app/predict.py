@@ -47,6 +47,9 @@ class Prediction:
     volumes_json: str | None = None
     volumes_csv: str | None = None
     volumes: list[dict] = field(default_factory=list)
+    colour_table: str | None = None  # 3D Slicer .ctbl beside the label map (pipeline.label_files)
+    itksnap_labels: str | None = None  # ITK-SNAP label description file
+    converted: str | None = None  # the --format file (.seg.nrrd or DICOM SEG), None for nifti
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +111,7 @@ def predict(
     nan: str = "zero",
     normalization_mask: str = "training",
     window: str = "nnunet",
+    format: str = "nifti",
 ) -> Prediction:
     """Segment one scan (one file, or one file per channel, or a DICOM series folder) for a task or ``"all"``.
 
@@ -119,18 +123,24 @@ def predict(
     ``normalization_mask`` and ``window`` default to the official pipeline's behaviour. The outputs are claimed
     (``outputs.claim_outputs``: another run on them is an ``InputError`` at once, a killed run's incomplete set is
     replaced) and checked (names, free space, folder, device) before the model loads; a failure removes what was
-    written.
+    written. Beside the label map go its colour tables (``_colors.ctbl``, ``_itksnap_labels.txt``) and, with
+    ``format``, a ``.seg.nrrd`` or a DICOM SEG (``_seg.dcm``, DICOM series input only), written by the bundle
+    (``pipeline.label_files``).
     """
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                              modality=modality, sw_batch_size=sw_batch_size, resampling=resampling, nan=nan,
-                             normalization_mask=normalization_mask, window=window)
+                             normalization_mask=normalization_mask, window=window, format=format)
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
     for path in inputs:  # what can be checked in a moment is checked before MONAI and the model load
         if not os.path.exists(path):
             raise InputError(f"input {path} does not exist")
+    if options.format == "dicom-seg":  # output formats (pipeline.label_files): checked before the model loads
+        from ..pipeline.label_files import check_format_inputs
+
+        check_format_inputs(options.format, inputs)
     _check_device(options.device)
     _check_writable(options.out_dir)
     start = time.perf_counter()
@@ -140,7 +150,7 @@ def predict(
     planned = {"label_map": layout.filename(subject=inputs[0])}  # the name SaveImaged will give (same layout)
     if options.probabilities:
         planned["probabilities"] = parsed("probabilities_layout").filename(subject=inputs[0])
-    planned.update(companions(layout, planned["label_map"], options.preview))
+    planned.update(companions(layout, planned["label_map"], options.preview, options.format))
     check_names(planned)
     with claim_outputs(planned) as claim:
         existing = [p for p in planned.values() if os.path.exists(p)]
@@ -151,10 +161,11 @@ def predict(
                 Path(p).name for p in existing), claim.interrupted.get("pid", "?"))
             workflow.parser["overwrite"] = True
         check_space(options.out_dir, _output_bytes(inputs[0], options, len(names)))
-        return _segment(workflow, options, layout, names, postfix, start)
+        return _segment(workflow, options, layout, names, postfix, start, inputs)
 
 
-def _segment(workflow, options: PredictOptions, layout, names, postfix: str, start: float) -> Prediction:
+def _segment(workflow, options: PredictOptions, layout, names, postfix: str, start: float,
+             inputs: Sequence[str]) -> Prediction:
     """Run the claimed prediction: the bundle's workflow, then the preview and the volume tables."""
     cases = run_workflow(workflow)
     if len(cases) != 1:
@@ -164,23 +175,34 @@ def _segment(workflow, options: PredictOptions, layout, names, postfix: str, sta
 
     result = Prediction(label_map=case["label_map"], task=postfix, seconds=0.0,
                         probabilities=case.get("probabilities"))
-    files = companions(layout, result.label_map, options.preview)
+    files = companions(layout, result.label_map, options.preview, options.format)
     result.volumes = label_volumes(case["labels"], case["affine"], names)
     write_volume_tables(result.volumes, Path(files["volumes_json"]), Path(files["volumes_csv"]))
     result.volumes_json, result.volumes_csv = files["volumes_json"], files["volumes_csv"]
+    # output formats (written by the bundle: pipeline.label_files) and the titled, windowed preview
+    from .report import preview_title
+
+    model, tasks = (_typed(workflow.parser.get_parsed_content, name) for name in ("network", "tasks"))
+    result.colour_table, result.itksnap_labels = files["colour_table"], files["itksnap_labels"]
+    result.converted = case.get("converted")
     if options.preview:
         render_preview(case["source"], case["labels"], case["affine"], names, Path(files["preview"]),
-                       title=f"UniSeg: {postfix}")
+                       title=preview_title(inputs[0], postfix, model, options.weights),
+                       window="ct" if tasks[0].channels[0] == "CT" else "percentile")
         result.preview = files["preview"]
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
-def companions(layout, label_map: str, preview: bool = True) -> dict[str, str]:
-    """The files predict writes beside the label map, named after it (``CaseLayout.companion``)."""
+def companions(layout, label_map: str, preview: bool = True, fmt: str = "nifti") -> dict[str, str]:
+    """The files predict writes beside the label map, named after it (``CaseLayout.companion``; the colour tables
+    and the ``fmt`` file: ``pipeline.label_files.output_paths``)."""
+    from ..pipeline.label_files import output_paths
+
     names = {"preview": "preview.png"} if preview else {}
     names.update(volumes_json="volumes.json", volumes_csv="volumes.csv")
-    return {key: layout.companion(label_map, name) for key, name in names.items()}
+    return {**{key: layout.companion(label_map, name) for key, name in names.items()},
+            **output_paths(label_map, fmt)}
 
 
 def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
@@ -192,6 +214,7 @@ def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
                  "keep_source": options.preview, "sw_batch_size": options.sw_batch_size,
                  "resampling": options.resampling, "nan": options.nan,
                  "normalization_mask": options.normalization_mask, "window": options.window}
+    overrides["format"] = options.format
     if options.device is not None:
         overrides["device"] = f"$torch.device({options.device!r})"
     return overrides
@@ -288,6 +311,8 @@ def case_outputs(item: dict) -> dict:
            "affine": np.asarray(pred.affine.detach().cpu(), dtype=np.float64)}
     if "probabilities" in item:
         out["probabilities"] = str(item["probabilities"].meta["saved_to"])
+    if "converted_to" in pred.meta:  # pipeline.label_files.SaveLabelFormatd
+        out["converted"] = str(pred.meta["converted_to"])
     if "source" in item:
         out["source"] = np.asarray(item["source"].detach().cpu())
     return out

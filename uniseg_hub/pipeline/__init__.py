@@ -8,6 +8,7 @@ inferer and evaluator (the one inference pipeline: ``uniseg_hub.app.predict`` dr
 * ``sliding_window``: nnU-Net v1's sliding window (window positions, Gaussian map) on MONAI's ``PatchInferer``;
 * ``resampling``: to the task's spacing and back to the input grid, as nnU-Net v1 does;
 * ``nifti_io``: fast NIfTI reading and atomic writing.
+* ``label_files``: beside each label map its colour tables and the ``format`` file (``.seg.nrrd``, DICOM SEG).
 """
 
 from .cases import (
