@@ -393,6 +393,62 @@ def _agreement_table(rows) -> str:
                       "another model, not ground truth):", *lines])
 
 
+def evaluate(predictions: str, labels=None, *, task=None, out: str = "uniseg-evaluation",
+             dice_empty: str = "exclude", hd95: bool = True, nsd: bool = True, nsd_tolerance: float = 2.0,
+             overwrite: bool = False, progress: bool = True, json: bool = False) -> None:
+    """Score label maps against reference labels: Dice, HD95 and normalised surface Dice per case and label.
+
+    Writes the report the bundle's evaluate.json writes: report.json, report.csv (per case and label),
+    report_summary.csv (mean, standard deviation per label) and report_boxplot.png; prints the summary table.
+
+    Args:
+        predictions: a folder of label maps (<case>.nii.gz or <case>_<task>.nii.gz, as predict writes them), or a
+            datalist JSON of {"pred": ..., "label": ...} items (then no LABELS).
+        labels: the folder of reference label maps (<case>.nii.gz), on the predictions' grid.
+        task: the task whose label names the report uses (default: the task in the predictions' names).
+        out: the report folder.
+        dice_empty: a label absent from both prediction and reference: exclude (official downstream rule: left out
+            of the means), one (counts 1.0, UniSeg's upstream evaluation) or monai (MONAI's DiceMetric default).
+        hd95: compute the 95th-percentile Hausdorff distance (mm).
+        nsd: compute the normalised surface Dice.
+        nsd_tolerance: the surface Dice tolerance in mm.
+        overwrite: replace an existing report in --out.
+        progress: show a progress bar over the cases.
+        json: print the report as JSON.
+    """
+    from .app.evaluate import evaluate as run
+    from .app.predict import quiet
+    from .training.evaluation import DICE_EMPTY
+
+    if dice_empty not in DICE_EMPTY:
+        usage_error("evaluate", f"--dice-empty must be one of {', '.join(DICE_EMPTY)}, got {dice_empty!r}")
+    quiet()
+    report = run(predictions, labels, task=task, out_dir=out, dice_empty=dice_empty, hd95=hd95, nsd=nsd,
+                 nsd_tolerance=nsd_tolerance, overwrite=overwrite, progress=progress)
+    emit(report, json, _report_table(report))
+
+
+def _report_table(report) -> str:
+    """The evaluation summary as an aligned table: per label, each metric's mean +- standard deviation (n)."""
+    def cell(stats, digits):
+        if stats["mean"] is None:
+            return "n/a"
+        return f"{stats['mean']:.{digits}f} +- {stats['std']:.{digits}f} ({stats['n']})"
+
+    head = ("label", "Dice", "HD95 mm", "NSD")
+    body = [(f"{s['label']} {name}", cell(s["dice"], 3), cell(s["hd95"], 2), cell(s["nsd"], 3))
+            for name, s in report["labels"].items()]
+    means = report["mean"]
+    body.append(("mean over labels", *("n/a" if means[m] is None else f"{means[m]:.{d}f}"
+                                       for m, d in (("dice", 3), ("hd95", 2), ("nsd", 3)))))
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in (head, *body)]
+    title = (f"{report['task'] or 'evaluation'}: {report['cases']} case(s), Dice rule "
+             f"{report['settings'].get('dice_empty')}")
+    return "\n".join([title, *lines, *(f"  {k}: {v}" for k, v in report["files"].items())])
+
+
 def export(src: str, out: str, *, in_channels: int = 1, json: bool = False) -> None:
     """Export a converted model to ONNX (checked against PyTorch with onnxruntime).
 
@@ -433,7 +489,7 @@ def prepare_dataset(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool
 
 COMMANDS = {"list": list_models, "info": info, "download": download, "verify": verify, "path": path,
             "convert": convert, "publish": publish, "predict": predict, "demo": demo, "export": export,
-            "prepare": prepare_dataset}
+            "prepare": prepare_dataset, "evaluate": evaluate}
 
 
 BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}

@@ -277,9 +277,11 @@ def test_dice_by_hand():
     label = torch.tensor([1, 0, 0, 0, 0, 3]).reshape(2, 3, 1)
     rows = {r["name"]: r for r in report.score("case", pred, label, spacing=(1, 1, 1))}
     assert rows["organ"]["dice"] == pytest.approx(2 * 1 / (2 + 1))
-    assert rows["tumour"]["dice"] == 1.0  # absent from both: 1.0, as the official evaluation counts it
+    assert np.isnan(rows["tumour"]["dice"])  # absent from both: left out, the official downstream rule
     assert rows["cyst"]["dice"] == 0.0
     assert np.isnan(rows["tumour"]["hd95"])
+    one = SegmentationReport("unused", {1: "organ", 2: "tumour"}, dice_empty="one")
+    assert {r["name"]: r["dice"] for r in one.score("case", pred, label, (1, 1, 1))}["tumour"] == 1.0
 
 
 @pytest.mark.slow
@@ -290,11 +292,13 @@ def test_evaluation_scores_a_perfect_prediction_as_one(converted_small, data, tm
     datalist.write_text(json.dumps([{"image": str(data["ct"]), "label": str(reference)}]))
     run_bundle(converted_small, tmp_path / "eval", configs=(INFERENCE, EVALUATE), datalist_file=str(datalist),
                task="liver", tta=False)
-    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
-    assert summary["cases"] == 1 and summary["mean_dice"] == 1.0
+    summary = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert summary["cases"] == 1 and summary["mean"]["dice"] == 1.0 and summary["mean"]["nsd"] == 1.0
     assert set(summary["labels"]) == {"liver", "liver tumour"}
-    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "case,task,label,name,dice,hd95" and len(rows) == 3
+    rows = (tmp_path / "eval" / "report.csv").read_text().splitlines()
+    assert rows[0] == "case,task,label,name,dice,hd95,nsd" and len(rows) == 3
+    assert rows[1].startswith("ct,liver,1,liver,1.000000,0.0000,1.000000")
+    assert (tmp_path / "eval" / "report_boxplot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
@@ -307,13 +311,13 @@ def test_evaluation_against_a_real_reference(converted_small, data, tmp_path):
     datalist.write_text(json.dumps({"testing": [{"image": str(data["ct"]), "label": "liver.nii.gz"}]}))
     run_bundle(converted_small, tmp_path / "eval", configs=(INFERENCE, EVALUATE), datalist_file=str(datalist),
                task="liver", tta=False)
-    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    summary = json.loads((tmp_path / "eval" / "report.json").read_text())
     # the reported Dice is the one the saved label map and the reference give, computed here by hand
     predicted = np.asanyarray(nib.load(tmp_path / "eval" / "ct_liver.nii.gz").dataobj) == 1
     reference = liver == 1
     expected = 2 * (predicted & reference).sum() / (predicted.sum() + reference.sum())
-    assert summary["labels"]["liver"]["dice"] == pytest.approx(float(expected), abs=1e-6)
-    hd95 = summary["labels"]["liver"]["hd95"]
+    assert summary["labels"]["liver"]["dice"]["mean"] == pytest.approx(float(expected), abs=1e-6)
+    hd95 = summary["labels"]["liver"]["hd95"]["mean"]
     assert (hd95 is None) == (not predicted.any()), "HD95 is undefined exactly when nothing is predicted"
     assert hd95 is None or hd95 > 0  # a random model's map is not the reference
 
