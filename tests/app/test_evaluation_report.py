@@ -189,3 +189,50 @@ def test_the_bundle_handler_writes_the_same_report(tmp_path):
     assert Engine.state.metrics["report_mean_dice"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv", "report.json", "report_boxplot.png",
                                                           "report_summary.csv"]
+
+
+def test_fine_tuning_curves_per_label_dice_and_best_epoch(tmp_path):
+    from ignite.engine import Engine as IgniteEngine
+    from ignite.engine import Events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from uniseg_hub.training import TrainingLog
+
+    trainer = IgniteEngine(lambda engine, batch: {"loss": torch.tensor(1.0 / engine.state.epoch)})
+    validator = IgniteEngine(lambda engine, batch: None)
+    dice = {1: [[0.2, float("nan")], [0.4, 0.1]], 2: [[0.6, float("nan")], [0.8, float("nan")]],
+            3: [[0.5, 0.3], [0.5, 0.3]]}
+
+    @validator.on(Events.EPOCH_COMPLETED)
+    def metrics(engine):
+        epoch = trainer.state.epoch
+        engine.state.epoch = epoch
+        engine.state.key_metric_name = "val_mean_dice"
+        engine.state.metrics = {"val_mean_dice": float(np.nanmean(np.nanmean(dice[epoch], axis=0)))}
+        engine.state.metric_details = {"val_mean_dice": torch.tensor(dice[epoch], dtype=torch.float64)}
+        engine.state.best_metric_epoch = 2  # epoch 2 is the best (0.7 + 0.1) / 2 = 0.4 > 0.35, 0.4
+
+    trainer.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "device", torch.device("cpu")))
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def validate(_):
+        validator.state.max_epochs = None  # a fresh run each epoch, as ValidationHandler gives
+        validator.run([0], max_epochs=1)
+
+    # attached after the validation, as in train.json
+    log = TrainingLog(tmp_path, validator=validator, label_names=["background", "spleen", "liver"])
+    log.attach(trainer)
+    trainer.run([0, 1], max_epochs=3)
+    history = json.loads((tmp_path / "history.json").read_text())
+    spleen = history["val_per_label"]["spleen"]
+    assert spleen["epoch"] == [1, 2, 3] and spleen["dice"] == pytest.approx([0.3, 0.7, 0.5])
+    liver = history["val_per_label"]["liver"]
+    assert liver["epoch"] == [1, 2, 3] and liver["dice"][1] is None and liver["dice"][::2] == pytest.approx([0.1, 0.3])
+    assert history["best_epoch"] == 2 and history["loss"] == pytest.approx([1.0, 0.5, 1 / 3])
+    png = (tmp_path / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    spleen = [(e.step, round(e.value, 4)) for e in events.Scalars("val_dice/spleen")]
+    assert spleen == [(1, 0.3), (2, 0.7), (3, 0.5)]
+    assert [e.step for e in events.Scalars("val_dice/liver")] == [1, 3]  # undefined at epoch 2: not written

@@ -204,6 +204,10 @@ def test_a_run_reports_the_final_checkpoint_with_mirroring_and_selects_on_carved
         workflow(tmp_path, btcv_small, converted_small, run_id="evaluate", output_dir=str(out), tta=tta,
                  **settings).run()
         reports[tta] = json.loads((out / "summary.json").read_text())
+        report = json.loads((out / "report.json").read_text())  # the one report, as `uniseg-hub evaluate` writes
+        assert report["mean"]["dice"] == pytest.approx(reports[tta]["mean"], abs=1e-5)
+        assert report["settings"]["mirror_flips"] == (8 if tta else 1) and "esophagus" in report["labels"]
+        assert (out / "report_boxplot.png").is_file() and (out / "report.csv").is_file()
     evaluated = reports[True]["evaluated_with"]
     assert evaluated["weights"] == str(ckpt / "last") and evaluated["final"] is True
     assert evaluated["tta"] is True and evaluated["mirror_flips"] == 8 and evaluated["dice_empty"] == "exclude"

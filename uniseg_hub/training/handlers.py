@@ -90,20 +90,29 @@ class ProgressBar(IgniteProgressBar):
 
 def new_history() -> dict:
     """The per-epoch record ``TrainingLog`` keeps in ``trainer.state.history`` (saved with the last checkpoint)."""
-    return {"epoch": [], "loss": [], "lr": [], "val_epoch": [], "val_metric": [], "metric": ""}
+    return {"epoch": [], "loss": [], "lr": [], "val_epoch": [], "val_metric": [], "metric": "", "val_per_label": {},
+            "best_epoch": None}
 
 
 class TrainingLog:
-    """Per-epoch training loss (averaged over the epoch's iterations and all ranks), learning rate and validation
-    metric; rank 0 writes them to ``log_dir/history.json`` and plots them to ``log_dir/training_curves.png``.
+    """Per-epoch training loss (averaged over the epoch's iterations and all ranks), learning rate, validation
+    metric, per-label validation Dice and the best epoch; rank 0 writes them to ``log_dir/history.json``, plots them
+    to ``log_dir/training_curves.png`` (loss and learning rate; validation metric with the best epoch marked;
+    validation Dice per label) and writes the per-label Dice to TensorBoard (``val_dice/<label>``, in ``log_dir``).
+
+    The per-label values are the key metric's details (``save_details`` on the validator's key metric): each
+    label's mean over the validation cases where it is defined; ``label_names`` names them (background first).
 
     The record lives in ``trainer.state.history``, so ``TrainingCheckpoint`` saves it and a resumed run continues
     the same curves. Attach it after the ``ValidationHandler``, so an epoch's files include its validation.
     """
 
     def __init__(self, log_dir: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
-                 validator: Engine | None = None, plot: bool = True):
+                 validator: Engine | None = None, plot: bool = True, label_names=None, tensorboard: bool = True):
         self.log_dir = Path(log_dir)
+        self.label_names = list(label_names.values() if isinstance(label_names, Mapping) else label_names or [])
+        self.tensorboard = parse_bool(tensorboard)
+        self._writer = None
         self.optimizer = optimizer
         self.validator = validator
         self.plot = parse_bool(plot)
@@ -138,9 +147,34 @@ class TrainingLog:
         self.write()
 
     def _validated(self, evaluator: Engine) -> None:
-        self.history["metric"] = evaluator.state.key_metric_name or ""
-        self.history["val_epoch"].append(evaluator.state.epoch)
-        self.history["val_metric"].append(float(evaluator.state.metrics[self.history["metric"]]))
+        state = evaluator.state
+        self.history["metric"] = state.key_metric_name or ""
+        self.history["val_epoch"].append(state.epoch)
+        self.history["val_metric"].append(float(state.metrics[self.history["metric"]]))
+        self.history.setdefault("val_per_label", {})
+        self.history["best_epoch"] = int(state.best_metric_epoch) if state.best_metric_epoch > 0 else None
+        details = (getattr(state, "metric_details", None) or {}).get(self.history["metric"])
+        if details is None:
+            return
+        values = torch.as_tensor(details, dtype=torch.float64).reshape(-1, torch.as_tensor(details).shape[-1])
+        names = self.label_names[1:] if len(self.label_names) == values.shape[-1] + 1 else self.label_names
+        for index in range(values.shape[-1]):
+            name = names[index] if index < len(names) else f"class {index + 1}"
+            mean = float(torch.nanmean(values[:, index]))
+            per_label = self.history["val_per_label"].setdefault(name, {"epoch": [], "dice": []})
+            per_label["epoch"].append(state.epoch)
+            per_label["dice"].append(None if mean != mean else mean)
+            if self.tensorboard and is_main_process() and mean == mean:
+                self._tensorboard().add_scalar(f"val_dice/{name}", mean, state.epoch)
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _tensorboard(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self._writer
 
     def write(self) -> None:
         if not is_main_process():
@@ -154,9 +188,11 @@ class TrainingLog:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(10, 4), dpi=100)
+        per_label = self.history.get("val_per_label") or {}
+        fig = Figure(figsize=(15 if per_label else 10, 4), dpi=100)
         FigureCanvasAgg(fig)
-        ax_loss, ax_val = fig.subplots(1, 2)
+        axes = fig.subplots(1, 3 if per_label else 2)
+        ax_loss, ax_val = axes[0], axes[1]
         ax_loss.plot(self.history["epoch"], self.history["loss"], marker=".", label="training loss")
         ax_loss.set(xlabel="epoch", ylabel="Dice + CE loss (deep supervision)", title="training loss")
         if any(lr is not None for lr in self.history["lr"]):
@@ -165,6 +201,21 @@ class TrainingLog:
             ax_lr.set_ylabel("learning rate", color="tab:gray")
         ax_val.plot(self.history["val_epoch"], self.history["val_metric"], marker="o", color="tab:green")
         ax_val.set(xlabel="epoch", ylabel=self.history["metric"] or "metric", title="validation")
+        best = self.history.get("best_epoch")
+        if best in self.history["val_epoch"]:
+            value = self.history["val_metric"][self.history["val_epoch"].index(best)]
+            for ax in axes[1:]:
+                ax.axvline(best, color="tab:red", linestyle=":", linewidth=1)
+            ax_val.plot([best], [value], marker="*", markersize=14, color="tab:red", linestyle="none",
+                        label=f"best: epoch {best} ({value:.3f})")
+            ax_val.legend(loc="lower right", fontsize=8)
+        if per_label:
+            ax_labels = axes[2]
+            for name, curve in per_label.items():
+                ax_labels.plot(curve["epoch"], [float("nan") if v is None else v for v in curve["dice"]],
+                               marker=".", label=name)
+            ax_labels.set(xlabel="epoch", ylabel="Dice", title="validation Dice per label", ylim=(-0.02, 1.02))
+            ax_labels.legend(fontsize=7, ncol=2 if len(per_label) > 8 else 1, loc="best")
         fig.tight_layout()
         fig.savefig(path, format="png")
 
