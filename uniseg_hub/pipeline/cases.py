@@ -161,9 +161,22 @@ def case_name(path: str | os.PathLike) -> str:
     return name
 
 
+FIRST_CHANNEL = "_0000"
+"""nnU-Net's suffix of a case's first channel file (``case_0000.nii.gz``; then ``_0001`` ...)."""
+
+
+def output_case_name(path: str | os.PathLike) -> str:
+    """The case name outputs are named after: ``case_name`` without nnU-Net's first-channel suffix, so the outputs
+    of ``BraTS_001_0000.nii.gz`` .. ``_0003`` (or of a one-channel ``liver_7_0000.nii.gz``) are ``BraTS_001_...``
+    (``liver_7_...``), named like the case's label file."""
+    name = case_name(path)
+    return name[: -len(FIRST_CHANNEL)] if name.endswith(FIRST_CHANNEL) and len(name) > len(FIRST_CHANNEL) else name
+
+
 class CaseLayout(FolderLayoutBase):
     """Output names, for ``SaveImaged(folder_layout=...)`` and the checks and reports that name outputs:
-    ``<output_dir>/<case_name(subject)>_<postfix><extension>`` (``SCAN.NII.GZ`` gives ``SCAN_liver.nii.gz``).
+    ``<output_dir>/<output_case_name(subject)>_<postfix><extension>`` (``SCAN.NII.GZ`` gives ``SCAN_liver.nii.gz``,
+    ``case_0000.nii.gz`` ``case_liver.nii.gz``).
 
     MONAI's ``FolderLayout`` strips a suffix with ``os.path.splitext`` (twice, for a lowercase ``.gz`` only), so it
     would name the outputs of ``SCAN.NII.GZ`` ``SCAN.NII_liver.nii.gz``; this layout takes the case name from
@@ -179,7 +192,7 @@ class CaseLayout(FolderLayoutBase):
     def filename(self, subject: str | os.PathLike = "case", idx=None, **kwargs) -> str:
         """The output of ``subject`` (an input path: the first file of a multi-file input, or a DICOM folder);
         ``idx`` (a patch index) and ``kwargs`` are appended as MONAI's ``FolderLayout`` does."""
-        name = case_name(subject)
+        name = output_case_name(subject)
         for part in (self.postfix, None if idx is None else str(idx)):
             if part:
                 name += f"_{part}"

@@ -29,7 +29,7 @@ from monai.utils import MetricReduction
 
 from ..errors import TrainingError, UnisegHubError
 from ..files import atomic_path, write_text_atomic
-from ..pipeline.cases import case_name
+from ..pipeline.cases import output_case_name
 
 DICE_EMPTY = ("exclude", "one", "monai")
 
@@ -96,10 +96,10 @@ def dice_metric(empty: str = "exclude", include_background: bool = False, **kwar
 
 
 def _case_name(item: Mapping) -> str:
-    """The case an evaluated item comes from (``pipeline.cases.case_name`` of its first input file)."""
+    """The case an evaluated item comes from (``pipeline.cases.output_case_name`` of its first input file)."""
     meta = getattr(item.get("image"), "meta", None) or getattr(item.get("pred"), "meta", {})
     name = meta.get("filename_or_obj", "case")
-    return case_name(name[0] if isinstance(name, (list, tuple)) else str(name))
+    return output_case_name(name[0] if isinstance(name, (list, tuple)) else str(name))
 
 
 def _json_number(x: float):
