@@ -285,3 +285,20 @@ def test_frozen_maps_hash_compare_and_pickle_like_values():
     assert frozen == freeze(copy.deepcopy(data)) and hash(frozen) == hash(freeze(data))
     assert pickle.loads(pickle.dumps(frozen)) == frozen and copy.deepcopy(frozen) == frozen
     assert FrozenMap({"x": 1}) == {"x": 1} and repr(FrozenMap({"x": 1})) == "FrozenMap({'x': 1})"
+
+
+def test_task_all_with_probabilities_is_refused_with_a_reason(capsys):
+    from uniseg_hub.cli import main
+    from uniseg_hub.config import PredictOptions
+    from uniseg_hub.pipeline import MergeTasksd
+    from uniseg_hub.tasks import tasks_in_group
+
+    with pytest.raises(ConfigError, match="no probability map belongs to it; run the tasks one by one"):
+        PredictOptions(task="all", probabilities=True)
+    assert PredictOptions(task="liver", probabilities=True).probabilities  # one task: its own probabilities
+    with pytest.raises(ConfigError, match="probabilities are not written for task all"):
+        MergeTasksd("pred", tasks_in_group("CT"), probabilities=True)  # the bundle refuses it too
+    MergeTasksd("pred", tasks_in_group("CT")[:1], probabilities=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "scan.nii.gz", "--task", "all", "--probabilities"])
+    assert exit_.value.code == 2 and "run the tasks one by one" in capsys.readouterr().err

@@ -270,7 +270,7 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         tta: 8-flip mirror test-time augmentation, as the official inference (--tta False is 8x faster).
         overlap: sliding-window overlap (official 0.5, nnU-Net's step size 1 - overlap: windows at most half a patch
             apart).
-        probabilities: also write the probabilities on the input's grid.
+        probabilities: also write the probabilities on the input's grid (one task; refused for --task all).
         preview: write the PNG preview.
         overwrite: replace existing outputs.
         progress: show a progress bar over the sliding-window patches.

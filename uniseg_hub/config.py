@@ -652,8 +652,16 @@ class PredictOptions:
         values["window"] = choice(self.window, "window", WINDOWS)
         values["format"] = choice(self.format, "format", FORMATS)
         values["device"] = None if self.device is None else _device(self.device)
+        if values["probabilities"] and values["task"].lower() == "all":
+            raise ConfigError(ALL_TASKS_PROBABILITIES)
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+
+ALL_TASKS_PROBABILITIES = (
+    "probabilities are not written for task all: its label map merges each task's argmax (later tasks win), so no "
+    "probability map belongs to it; run the tasks one by one with --probabilities (e.g. --task liver)")
+"""Why ``task="all"`` with probabilities is refused (``PredictOptions``, ``pipeline.MergeTasksd``)."""
 
 
 RESAMPLING = ("nnunet", "monai")

@@ -20,8 +20,8 @@ from monai.config import KeysCollection
 from monai.data import FolderLayoutBase, MetaTensor
 from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRange
 
-from ..config import NAN_POLICIES, NORMALIZATION_MASKS, choice, parse_bool
-from ..errors import InputError
+from ..config import ALL_TASKS_PROBABILITIES, NAN_POLICIES, NORMALIZATION_MASKS, choice, parse_bool
+from ..errors import ConfigError, InputError
 from ..tasks import CT_WINDOW, HEAD_CHANNELS, Task, get_task
 from .cases import check_dicom_folder, describe_file
 from .nifti_io import check_affine, check_resampled_size
@@ -187,9 +187,12 @@ class MergeTasksd(MapTransform):
     takes the first maximum), so the label map is the same as with all 18 channels, at a fraction of the memory.
     """
 
-    def __init__(self, keys: KeysCollection, tasks: Sequence[Task], allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, tasks: Sequence[Task], allow_missing_keys: bool = False,
+                 probabilities: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.tasks = tuple(tasks)
+        if len(self.tasks) > 1 and parse_bool(probabilities, "save_probabilities"):
+            raise ConfigError(ALL_TASKS_PROBABILITIES)  # the merged one-hot map is no probability map
         self.num_classes = 1 + max((v for t in self.tasks for v in t.merged_labels), default=0)
 
     def merge(self, probs: torch.Tensor) -> torch.Tensor:
