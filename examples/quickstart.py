@@ -4,6 +4,7 @@ With the official checkpoint (``model_final_checkpoint.model`` from the UniSeg r
 README.md) as the first argument, it is converted and run. Without one, it says so and runs the same path on
 randomly initialised weights written in the converted-folder format, so the output shows the pipeline, not a
 segmentation.
+What it writes (the converted folder) goes to a temporary folder that is removed when it ends.
 """
 
 import sys
@@ -18,10 +19,16 @@ from uniseg_hub.weights import save_folder
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="uniseg-quickstart-"))
+    # everything it writes goes into a temporary folder that is removed at the end, even after an error
+    with tempfile.TemporaryDirectory(prefix="uniseg-quickstart-") as tmp:
+        run(Path(tmp))
+
+
+def run(work: Path) -> None:
     if len(sys.argv) > 1:
         folder = convert_checkpoint(sys.argv[1], work / "uniseg-11task")
-        print(f"converted {sys.argv[1]} -> {folder}")
+        print(f"converted {sys.argv[1]} (into a temporary folder, removed at the end; `uniseg-hub convert "
+              "SRC DIR` keeps one)")
     else:
         print("no official checkpoint given (python examples/quickstart.py model_final_checkpoint.model);\n"
               "running with RANDOM weights to show the pipeline")

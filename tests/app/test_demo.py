@@ -154,3 +154,63 @@ def test_demo_command_prints_notes_before_the_run_and_the_table_after(monkeypatc
         "example_ct_sm  liver  liver     0.951     1001.2       1043.1",
         "example_ct_sm  all    pancreas    n/a        3.0          0.0",
     ]
+
+
+def test_the_sample_archive_is_downloaded_once_with_progress_and_not_kept(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import subprocess
+    import tarfile
+
+    members = {name: f"scan {name}".encode() for name in sample_data.SAMPLES}
+    monkeypatch.setattr(sample_data, "SAMPLES", {name: (member, hashlib.sha256(members[name]).hexdigest(), "")
+                                                 for name, (member, _, _) in sample_data.SAMPLES.items()})
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(sample_data.PREFIX + sample_data.SAMPLES[name][0])
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = buffer.getvalue()
+    monkeypatch.setattr(sample_data, "SDIST_SHA256", hashlib.sha256(archive).hexdigest())
+    monkeypatch.setenv("UNISEG_HUB_DATA", str(tmp_path / "data"))
+    calls = []
+
+    def pip(cmd, **kwargs):  # a fake `pip download`: the archive into -d
+        calls.append((cmd, kwargs))
+        (tmp_path.joinpath(cmd[cmd.index("-d") + 1]) / sample_data.SDIST_FILE).write_bytes(archive)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sample_data.subprocess, "run", pip)
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as sink:
+        monkeypatch.setattr(sample_data.sys, "stderr", sink)
+        path = sample_data.fetch_sample("ct_small", progress=True)
+    assert path.read_bytes() == members["ct_small"]
+    (cmd, kwargs), = calls
+    assert "--progress-bar" in cmd and "--quiet" not in cmd
+    assert kwargs["stdout"] not in (None, subprocess.PIPE)  # pip's bar on our stderr, never on stdout
+    assert not (tmp_path / "data" / sample_data.SDIST_FILE).exists()  # the 38 MB archive is not kept
+    for name in sample_data.SAMPLES:  # every other sample comes from the cache: no second download
+        assert sample_data.fetch_sample(name).read_bytes() == members[name]
+    assert len(calls) == 1 and sample_data.download_size(list(sample_data.SAMPLES)) == 0
+    # a progress=False download is --quiet, its output captured
+    (tmp_path / "data" / sample_data.SAMPLES["ct"][0]).unlink()
+    sample_data.fetch_sample("ct", progress=False)
+    assert "--quiet" in calls[1][0] and calls[1][1]["stdout"] is subprocess.PIPE
+
+
+@pytest.mark.slow  # the full-size model on one patch
+def test_quickstart_removes_what_it_writes_to_temporary_space(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, str(root / "examples" / "quickstart.py")], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "liver logits (1, 4, 192, 192, 64)" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # the converted folder went to TMPDIR and was removed

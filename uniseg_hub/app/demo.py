@@ -89,7 +89,8 @@ def plan_downloads(weights: str | None = None, manifest=None) -> list[Download]:
     size = download_size([DEMO_SCAN, DEMO_REFERENCE])
     items.append(Download(what="the sample CT and TotalSegmentator's label map of it",
                           source=f"the cache ({cache_dir()})" if size == 0 else
-                          f"PyPI (the {SDIST} source archive)", size=size, cached=size == 0))
+                          f"PyPI (the {SDIST} source archive, once: the scans are then kept in {cache_dir()})",
+                          size=size, cached=size == 0))
     return items
 
 

@@ -2,8 +2,10 @@
 
 The TotalSegmentator source distribution on PyPI (Apache-2.0 package; the images come from the TotalSegmentator
 dataset, Zenodo 10.5281/zenodo.6802613) carries small real CT and MR volumes with label maps. ``pip download``
-fetches it (any PyPI mirror pip is configured for works); the files are checked against the sha256 sums below
-and cached. Labels are TotalSegmentator predictions, not manual ground truth.
+fetches it (any PyPI mirror pip is configured for works), with pip's progress bar on stderr when that is a terminal;
+every sample is extracted at once, checked against the sha256 sums below and cached, and the 38 MB archive is then
+deleted: the download happens once, and the cache keeps only the scans. Labels are TotalSegmentator predictions, not
+manual ground truth.
 """
 
 from __future__ import annotations
@@ -48,11 +50,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UNISEG_HUB_DATA", Path.home() / ".cache" / "uniseg-hub" / "sample-data"))
 
 
-def _download_sdist(folder: Path) -> Path:
+def _progress_sink(progress: bool | None):
+    """Where pip's progress bar goes: our stderr (never stdout, which may carry JSON) when it is shown."""
+    try:
+        show = sys.stderr.isatty() if progress is None else bool(progress)
+        return sys.stderr.fileno() if show else None
+    except (AttributeError, OSError, ValueError):  # a captured or replaced stderr without a file descriptor
+        return None
+
+
+def _download_sdist(folder: Path, progress: bool | None = None) -> Path:
+    sink = _progress_sink(progress)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", SDIST,
+        cmd = [sys.executable, "-m", "pip", "download", *(["--progress-bar", "on"] if sink is not None else
+                                                          ["--quiet"]), "--no-deps", "--no-binary", ":all:", SDIST,
                "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, stdout=subprocess.PIPE if sink is None else sink, stderr=subprocess.PIPE,
+                                text=True)
         archive = Path(tmp) / SDIST_FILE
         if result.returncode or not archive.is_file():
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -83,25 +97,41 @@ def download_size(names) -> int:
     return 0 if archive.is_file() and sha256_file(archive) == SDIST_SHA256 else SDIST_SIZE
 
 
-def fetch_sample(name: str) -> Path:
-    """Path of a verified sample scan (see ``SAMPLES``), downloading and caching it on first use."""
+def fetch_sample(name: str, progress: bool | None = None) -> Path:
+    """Path of a verified sample scan (see ``SAMPLES``), downloading and caching it on first use.
+
+    The first call downloads the source archive (``SDIST_SIZE`` bytes; pip's progress bar on stderr when
+    ``progress``, by default when stderr is a terminal), extracts and verifies every sample, and deletes the
+    archive: later calls, for any sample, download nothing.
+    """
     if name not in SAMPLES:
         raise SampleDataError(f"unknown sample {name!r}; the samples are: {', '.join(SAMPLES)}")
-    member, sha256, _ = SAMPLES[name]
-    folder = cache_dir()
-    path = folder / member
+    path = cache_dir() / SAMPLES[name][0]
     if _is_cached(name):
         return path
+    folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / SDIST_FILE
     if not archive.is_file() or sha256_file(archive) != SDIST_SHA256:
-        archive = _download_sdist(folder)
-    with tarfile.open(archive) as tar:
-        data = tar.extractfile(PREFIX + member)
-        if data is None:
-            raise SampleDataError(f"{member} is missing from {SDIST_FILE}")
-        with atomic_path(path) as tmp:
-            Path(tmp).write_bytes(data.read())
-            if sha256_file(Path(tmp)) != sha256:
-                raise SampleDataError(f"{member} does not match its pinned sha256; the cached archive may be damaged")
+        archive = _download_sdist(folder, progress)
+    try:
+        with tarfile.open(archive) as tar:
+            for sample in SAMPLES:
+                if sample == name or not _is_cached(sample):
+                    _extract(tar, sample)
+        archive.unlink()  # every sample is cached now: the archive is never needed again
+    except FileNotFoundError:  # another process extracted everything and deleted the archive meanwhile
+        if not _is_cached(name):
+            raise
     return path
+
+
+def _extract(tar: tarfile.TarFile, name: str) -> None:
+    member, sha256, _ = SAMPLES[name]
+    data = tar.extractfile(PREFIX + member)
+    if data is None:
+        raise SampleDataError(f"{member} is missing from {SDIST_FILE}")
+    with atomic_path(cache_dir() / member) as tmp:
+        Path(tmp).write_bytes(data.read())
+        if sha256_file(Path(tmp)) != sha256:
+            raise SampleDataError(f"{member} does not match its pinned sha256; the cached archive may be damaged")
