@@ -603,12 +603,18 @@ def _fail(message: str, code: int = 1) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``uniseg-hub`` console script (returns None: see fire's exit-code pitfall).
 
-    Help goes to stdout (exit 0); no command is a usage error (exit 2). While a command runs, ``sys.stdout`` is
+    ``--version`` (``-V``) prints ``uniseg-hub VERSION`` on stdout. Help goes to stdout (exit 0); no command is a
+    usage error (exit 2). While a command runs, ``sys.stdout`` is
     stderr: only ``emit`` writes to the real stdout, so logs and tracebacks of MONAI, ignite or any library never
     mix with a table or ``--json``. Every failure is one line on stderr: 1 for what the user can fix (and, for
     anything unexpected, the error named as a bug; ``UNISEG_HUB_TRACEBACK=1`` shows its traceback), 2 for usage,
     130 for Ctrl-C, 143 for SIGTERM, 141 when the reader of stdout went away (``| head -1``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(f"uniseg-hub {__version__}")
+        return
     command = argv[0] if argv else None
     if not argv:
         print("error: no command given; usage: uniseg-hub COMMAND [ARGS] [--OPTIONS], where COMMAND is one of "

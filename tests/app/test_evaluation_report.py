@@ -236,3 +236,28 @@ def test_fine_tuning_curves_per_label_dice_and_best_epoch(tmp_path):
     spleen = [(e.step, round(e.value, 4)) for e in events.Scalars("val_dice/spleen")]
     assert spleen == [(1, 0.3), (2, 0.7), (3, 0.5)]
     assert [e.step for e in events.Scalars("val_dice/liver")] == [1, 3]  # undefined at epoch 2: not written
+
+
+# what the run tells you
+
+
+def test_version_and_help_are_printed_on_stdout(capsys):
+    from uniseg_hub import __version__
+
+    main(["--version"])
+    captured = capsys.readouterr()
+    assert captured.out == f"uniseg-hub {__version__}\n" and captured.err == ""
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--help"])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 0
+    assert "--nsd-tolerance" in captured.out.replace("_", "-") and "Dice" in captured.out
+
+
+def test_the_sliding_window_bar_is_labelled_with_its_window_count(capsys):
+    from uniseg_hub.pipeline.sliding_window import NnUNetSplitter
+
+    splitter = NnUNetSplitter((8, 8, 4), progress=True)
+    windows = list(splitter(torch.zeros(1, 1, 12, 8, 4)))
+    err = capsys.readouterr().err
+    assert len(windows) == 2 and f"sliding window ({len(windows)} windows)" in err and "2/2" in err

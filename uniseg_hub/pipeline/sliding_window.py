@@ -122,7 +122,7 @@ class NnUNetSplitter(Splitter):
                                   f"patch first (NnUNetSlidingWindowInferer does)")
         locations = self.locations(spatial)
         if self.progress and has_tqdm:
-            locations = tqdm(locations)
+            locations = tqdm(locations, desc=f"sliding window ({len(locations)} windows)", unit="window")
         for location in locations:
             window = (slice(None), slice(None)) + tuple(slice(s, s + p) for s, p in zip(location, self.patch_size))
             yield inputs[window], location
