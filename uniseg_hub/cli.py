@@ -313,8 +313,17 @@ def _describe(result) -> str:
                                                       ("probabilities", result.probabilities)) if path]
     lines += [f"  {name}: {path}" for name, path in (("segmentation", result.converted),
                                                       ("colours", result.colour_table)) if path]
-    lines += [f"  {r['label']:>2} {r['name']:<28} {r['volume_ml']:>10.1f} mL" for r in result.volumes if r["voxels"]]
+    lines += _volume_table(result.volumes)
     return "\n".join(lines)
+
+
+def _volume_table(volumes) -> list[str]:
+    """The segmented labels' volumes as an aligned table (columns as wide as their longest entry)."""
+    rows = [(str(r["label"]), r["name"], f"{r['volume_ml']:.1f} mL") for r in volumes if r["voxels"]]
+    if not rows:
+        return ["  nothing segmented"]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return [f"  {a.rjust(widths[0])}  {b.ljust(widths[1])}  {c.rjust(widths[2])}" for a, b, c in rows]
 
 
 def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bool = False, device=None,

@@ -261,3 +261,16 @@ def test_the_sliding_window_bar_is_labelled_with_its_window_count(capsys):
     windows = list(splitter(torch.zeros(1, 1, 12, 8, 4)))
     err = capsys.readouterr().err
     assert len(windows) == 2 and f"sliding window ({len(windows)} windows)" in err and "2/2" in err
+
+
+def test_the_volume_table_is_aligned_for_long_names():
+    from uniseg_hub.cli import _volume_table
+
+    rows = [{"label": 1, "name": "liver", "voxels": 10, "volume_ml": 1534.25},
+            {"label": 12, "name": "a structure with a name longer than twenty-eight characters", "voxels": 3,
+             "volume_ml": 2.0}, {"label": 2, "name": "absent", "voxels": 0, "volume_ml": 0.0}]
+    lines = _volume_table(rows)
+    assert len(lines) == 2 and len({len(line) for line in lines}) == 1  # absent labels left out, columns aligned
+    assert lines[0].endswith("1534.2 mL") and lines[1].endswith("   2.0 mL")
+    assert lines[0].index("liver") == lines[1].index("a structure")
+    assert _volume_table(rows[2:]) == ["  nothing segmented"]
