@@ -187,6 +187,7 @@ class TrainingLog:
     def _plot(self, path: str) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         per_label = self.history.get("val_per_label") or {}
         fig = Figure(figsize=(15 if per_label else 10, 4), dpi=100)
@@ -216,6 +217,8 @@ class TrainingLog:
                                marker=".", label=name)
             ax_labels.set(xlabel="epoch", ylabel="Dice", title="validation Dice per label", ylim=(-0.02, 1.02))
             ax_labels.legend(fontsize=7, ncol=2 if len(per_label) > 8 else 1, loc="best")
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(path, format="png")
 
