@@ -78,6 +78,11 @@ def test_two_gloo_ranks_train_in_step_and_gather_the_single_process_metric(btcv_
     sharded, alone = (per_case(tmp_path / d / "eval_mean_dice_raw.csv") for d in ("sharded", "single"))
     assert sorted(sharded) == sorted(alone) == ["img0032.nii.gz", "img0033.nii.gz", "img0034.nii.gz"]
     assert all(sharded[k] == pytest.approx(alone[k], abs=1e-6, nan_ok=True) for k in alone)
+    # the evaluation report gathers every rank's cases: the same rows as one process
+    reports = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("sharded", "single")]
+    assert reports[0]["cases"] == reports[1]["cases"] == 3
+    assert [(r["case"], r["name"]) for r in reports[0]["rows"]] == [(r["case"], r["name"]) for r in reports[1]["rows"]]
+    assert [r["dice"] for r in reports[0]["rows"]] == pytest.approx([r["dice"] for r in reports[1]["rows"]], abs=1e-6)
 
 
 def main(settings: str, out_dir: str) -> None:

@@ -280,7 +280,7 @@ class SegmentationReport:
         prefix: file name prefix; settings: recorded in the JSON (which checkpoint, TTA, ...).
 
     The evaluator's postprocessing must leave ``pred`` and ``label`` on the same grid (label maps or one-hot). Under
-    ``torchrun`` each rank sees its own cases; the report is written by rank 0 from its cases only.
+    ``torchrun`` each rank scores its own cases; their rows are gathered and rank 0 writes the report.
     """
 
     def __init__(self, output_dir: str, label_names: Mapping[int, str], task: str = "", hd95: bool = True,
@@ -318,9 +318,20 @@ class SegmentationReport:
             spacing = [1.0, 1.0, 1.0] if spacing is None else spacing[:3].tolist()
             self.rows.extend(self.score(_case_name(item), item[self.pred_key], label, spacing))
 
+    def _all_rows(self) -> list[dict]:
+        """Every rank's rows under ``torchrun`` (each rank scores its shard of the cases), in case order."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.rows
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.rows)
+        return sorted((r for rows in gathered for r in rows), key=lambda r: (r["case"], r["label"]))
+
     def completed(self, engine: Engine) -> None:
         from .distributed import is_main_process
 
+        self.rows = self._all_rows()
         settings = {**self.options, "dice": "MONAI DiceMetric", "hd95_metric": "MONAI HausdorffDistanceMetric(95)",
                     "nsd_metric": "MONAI SurfaceDiceMetric", **dict(self.settings or {})}
         if is_main_process():
