@@ -414,7 +414,8 @@ def evaluate(predictions: str, labels=None, *, task=None, out: str = "uniseg-eva
         predictions: a folder of label maps (<case>.nii.gz or <case>_<task>.nii.gz, as predict writes them), or a
             datalist JSON of {"pred": ..., "label": ...} items (then no LABELS).
         labels: the folder of reference label maps (<case>.nii.gz), on the predictions' grid.
-        task: the task whose label names the report uses (default: the task in the predictions' names).
+        task: the task whose label names the report uses, or all (the merged all-tasks labels); default: the task
+            in the predictions' names.
         out: the report folder.
         dice_empty: a label absent from both prediction and reference: exclude (official downstream rule: left out
             of the means), one (counts 1.0, UniSeg's upstream evaluation) or monai (MONAI's DiceMetric default).

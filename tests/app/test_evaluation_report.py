@@ -274,3 +274,17 @@ def test_the_volume_table_is_aligned_for_long_names():
     assert lines[0].endswith("1534.2 mL") and lines[1].endswith("   2.0 mL")
     assert lines[0].index("liver") == lines[1].index("a structure")
     assert _volume_table(rows[2:]) == ["  nothing segmented"]
+
+
+def test_all_tasks_maps_are_scored_by_their_merged_label_names(tmp_path):
+    from uniseg_hub.tasks import merged_label_names
+
+    preds, labels = scans(tmp_path, n=2)
+    for i in range(2):
+        (preds / f"case{i}_liver.nii.gz").rename(preds / f"case{i}_all.nii.gz")
+        label = cube(box=(slice(9, 11), slice(9, 11), slice(4, 6)), value=11, into=cube())  # liver + spleen
+        nib.save(nib.Nifti1Image(label, AFFINE), labels / f"case{i}.nii.gz")
+    report = evaluate(preds, labels, out_dir=tmp_path / "o", progress=False)
+    merged = merged_label_names()
+    assert report["task"] == "all" and list(report["labels"]) == [merged[1], merged[2], merged[11]]
+    assert report["labels"][merged[11]]["dice"] == {"mean": 0.0, "std": 0.0, "n": 2}  # spleen missed

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..pipeline.cases import IMAGE_SUFFIXES, case_name
-from ..tasks import get_task, task_names
+from ..tasks import get_task, merged_label_names, task_names
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def guess_task(pairs: list[Pair]) -> str | None:
         name = case_name(pair.pred)
         found.add(name[len(pair.case) + 1:] if name.startswith(pair.case + "_") else None)
     task = found.pop() if len(found) == 1 else None
-    return task if task in task_names() else None
+    return task if task in (*task_names(), "all") else None
 
 
 def _read(path: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -161,8 +161,20 @@ def evaluate(predictions: str | os.PathLike, labels: str | os.PathLike | None = 
     if (out / "report.json").exists() and not overwrite:
         raise InputError(f"{out} already holds a report (report.json); give --overwrite to replace it or choose "
                          "another --out")
-    rows, values = [], set()
-    names = get_task(task).label_names if task else None
+    names = get_task(task).label_names if task and task != "all" else None
+    if names is None:  # the label values that occur name the labels: a first pass reads them
+        values = set()
+        for pair in tqdm(pairs, desc="reading labels", unit="case", disable=not progress):
+            for path in (pair.pred, pair.label):
+                values.update(int(v) for v in np.unique(_read(path)[0]) if v > 0)
+        if task == "all":  # the all-tasks map: the merged labels that occur, by their "task: label" names
+            merged = merged_label_names()
+            names = {v: merged.get(v, f"label {v}") for v in sorted(values)}
+        else:
+            logger.warning("no task given or found in the predictions' names: labels are named by value; give "
+                           "--task for the task's label names")
+            names = {v: f"label {v}" for v in sorted(values)}
+    rows, unnamed = [], set()
     for pair in tqdm(pairs, desc="scoring", unit="case", disable=not progress):
         pred, pred_affine, _ = _read(pair.pred)
         label, affine, spacing = _read(pair.label)
@@ -170,25 +182,11 @@ def evaluate(predictions: str | os.PathLike, labels: str | os.PathLike | None = 
             raise InputError(f"{pair.case}: the prediction {pair.pred} ({pred.shape}) and the label {pair.label} "
                              f"({label.shape}) are not on one grid; score predictions written on the scan's grid "
                              "(as uniseg-hub predict writes them)")
-        values.update(int(v) for v in np.unique(np.concatenate([np.unique(pred), np.unique(label)])) if v > 0)
-        if names is None:
-            rows.append((pair, pred, label, spacing))
-            continue
+        unnamed.update(int(v) for v in np.union1d(np.unique(pred), np.unique(label)) if v > 0 and v not in names)
         rows.extend(score_case(pair.case, pred, label, names, spacing, task=task or "", dice_empty=dice_empty,
                                hd95=hd95, nsd=nsd, nsd_tolerance=nsd_tolerance))
-    if names is None:  # no task: every value seen, named by number
-        logger.warning("no task given or found in the predictions' names: labels are named by value; give --task "
-                       "for the task's label names")
-        names = {v: f"label {v}" for v in sorted(values)}
-        scored = []
-        for pair, pred, label, spacing in rows:
-            scored.extend(score_case(pair.case, pred, label, names, spacing, dice_empty=dice_empty, hd95=hd95,
-                                     nsd=nsd, nsd_tolerance=nsd_tolerance))
-        rows = scored
-    else:
-        unnamed = sorted(values - set(names))
-        if unnamed:
-            logger.warning("label value(s) %s are not labels of %s and are not scored", unnamed, task)
+    if unnamed:
+        logger.warning("label value(s) %s are not labels of %s and are not scored", sorted(unnamed), task)
     settings = {"dice_empty": dice_empty, "hd95": hd95, "nsd": nsd, "nsd_tolerance": float(nsd_tolerance),
                 "dice": "MONAI DiceMetric", "hd95_metric": "MONAI HausdorffDistanceMetric(95)",
                 "nsd_metric": "MONAI SurfaceDiceMetric", "predictions": str(source),
