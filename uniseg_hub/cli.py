@@ -321,7 +321,7 @@ def _volume_table(volumes) -> list[str]:
     """The segmented labels' volumes as an aligned table (columns as wide as their longest entry)."""
     rows = [(str(r["label"]), r["name"], f"{r['volume_ml']:.1f} mL") for r in volumes if r["voxels"]]
     if not rows:
-        return ["  nothing segmented"]
+        return []
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return [f"  {a.rjust(widths[0])}  {b.ljust(widths[1])}  {c.rjust(widths[2])}" for a, b, c in rows]
 
