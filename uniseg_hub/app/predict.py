@@ -158,7 +158,13 @@ def _segment(workflow, options: PredictOptions, layout, names, postfix: str, sta
     cases = run_workflow(workflow)
     if len(cases) != 1:
         raise RuntimeError(f"the bundle segmented {len(cases)} cases for one input")
-    case = cases[0]
+    result = write_companions(cases[0], options, layout, names, postfix)
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
+
+
+def write_companions(case: dict, options: PredictOptions, layout, names, postfix: str) -> Prediction:
+    """The preview and the volume tables of one segmented case (``case_outputs``), beside its label map."""
     from .report import label_volumes, render_preview, write_volume_tables
 
     result = Prediction(label_map=case["label_map"], task=postfix, seconds=0.0,
@@ -171,7 +177,6 @@ def _segment(workflow, options: PredictOptions, layout, names, postfix: str, sta
         render_preview(case["source"], case["labels"], case["affine"], names, Path(files["preview"]),
                        title=f"UniSeg: {postfix}")
         result.preview = files["preview"]
-    result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
