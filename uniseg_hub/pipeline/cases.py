@@ -270,8 +270,12 @@ def read_datalist(path: str | os.PathLike, key: str | None = None) -> list[dict]
                 if key not in content:
                     raise InputError(f"datalist {path} has no {key!r} list (it has {', '.join(content) or 'nothing'}); "
                                      "put the cases to segment under \"testing\"")
-                items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key,
-                                                base_dir=str(base))
+                listed = content[key]
+                if isinstance(listed, list) and all(isinstance(item, dict) for item in listed):
+                    items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key,
+                                                    base_dir=str(base))
+                else:  # Decathlon's test lists hold plain paths (MONAI reads those only under "test")
+                    items = [{"image": item} if not isinstance(item, dict) else dict(item) for item in listed]
             else:
                 items = [{"image": item} if not isinstance(item, dict) else dict(item) for item in content]
             items = [_channels(item) for item in items]
