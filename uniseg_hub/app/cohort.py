@@ -151,15 +151,17 @@ class _Ranks:
         self.dist = dist
         self.started = False
         wanted = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         if wanted and dist.is_available() and not dist.is_initialized():
             import torch
 
+            if torch.cuda.is_available():  # NCCL's collectives run on this rank's GPU
+                torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
             self.started = True
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
         self.size = dist.get_world_size() if self.active else 1
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
 
     def gather(self, value):
         """Every rank's ``value``, in rank order (on every rank)."""
