@@ -306,9 +306,18 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
                        modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask)
     except ConfigError as e:
         usage_error("predict", " ".join(str(e).split()))
-    quiet()
     # --- cohorts (issue 16): a folder, glob or datalist; everything else is one case, as before ---
+    from .app.cohort import LOADERS, parse_shard
+    from .errors import InputError
     from .pipeline.cases import is_cohort
+
+    try:
+        parse_shard(shard)
+    except InputError as e:
+        usage_error("predict", " ".join(str(e).split()))
+    if loader not in LOADERS:
+        usage_error("predict", f"--loader takes {', '.join(LOADERS)}, got {loader!r}")
+    quiet()
 
     if is_cohort(list(inputs)) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         _predict_cohort(list(inputs), json=json, progress=progress, fail_fast=fail_fast, shard=shard,
@@ -326,17 +335,10 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
 def _predict_cohort(inputs: list[str], *, json: bool, progress, fail_fast, shard, loader, **options) -> None:
     """``predict`` over a cohort: a progress bar over the cases (stderr, rank 0), the report table (stdout), and
     exit status 1 with one line when a case failed."""
-    from .app.cohort import LOADERS, parse_shard, predict_cohort
+    from .app.cohort import predict_cohort
     from .config import parse_bool
-    from .errors import ConfigError, InputError
 
-    try:
-        parse_shard(shard)
-        show = parse_bool(progress, "progress")
-    except (InputError, ConfigError) as e:
-        usage_error("predict", " ".join(str(e).split()))
-    if loader not in LOADERS:
-        usage_error("predict", f"--loader takes {', '.join(LOADERS)}, got {loader!r}")
+    show = parse_bool(progress, "progress")  # checked with the other options
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
     bar = []
 

@@ -130,6 +130,15 @@ def test_shards_are_deterministic_disjoint_and_cover_every_case():
             parse_shard(bad)
 
 
+def test_a_bad_shard_or_loader_is_a_usage_error_before_anything_runs(tmp_path, capsys):
+    for args, fragment in ((["--shard", "3/2"], "--shard takes I/N"), (["--loader", "fork"], "--loader takes")):
+        code, stdout, stderr = run_cli("predict", tmp_path, "--out", tmp_path / "out", *args, capsys=capsys)
+        assert code == 2 and stdout == "" and fragment in stderr and len(stderr.splitlines()) == 1, stderr
+    assert not (tmp_path / "out").exists()
+    one = scan(tmp_path / "one.nii.gz", seed=0)
+    assert discover_cases([str(one)]) == [{"image": str(one)}]  # under torchrun a single case is a cohort of one
+
+
 # --- one run over a cohort ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow

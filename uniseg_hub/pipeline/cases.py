@@ -337,9 +337,13 @@ def is_cohort(inputs: Sequence[str]) -> bool:
 
 
 def discover_cases(inputs: Sequence[str]) -> list[dict]:
-    """The cases ``inputs`` name (``is_cohort``): a datalist's, a folder's (``folder_cases``) or a glob's (images
+    """The cases ``inputs`` name: a datalist's, a folder's (``folder_cases``) or a glob's (images
     and DICOM series folders matched, grouped by nnU-Net's channel naming), sorted and without duplicates.
-    InputError when there is none."""
+    InputError when there is none. Inputs that are one case (not ``is_cohort``) give that case alone."""
+    if not is_cohort(inputs):
+        if not inputs:
+            raise InputError("no input given; pass a scan, a folder of scans, a glob or a datalist")
+        return [{"image": str(inputs[0]) if len(inputs) == 1 else [str(p) for p in inputs]}]
     path = str(inputs[0])
     if os.path.isfile(path):
         cases = read_datalist(path)
