@@ -130,6 +130,17 @@ def test_shards_are_deterministic_disjoint_and_cover_every_case():
             parse_shard(bad)
 
 
+def test_sharded_evaluation_splits_a_datalist_as_predict_does(monkeypatch):
+    from uniseg_hub.training import distributed
+
+    cases = [{"image": f"c{i}.nii.gz"} for i in range(5)]
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed.dist, "get_rank", lambda rank=rank: rank)
+        assert distributed.shard(cases) == shard_cases(cases, rank, 2) == cases[rank::2]
+
+
 def test_a_bad_shard_or_loader_is_a_usage_error_before_anything_runs(tmp_path, capsys):
     for args, fragment in ((["--shard", "3/2"], "--shard takes I/N"), (["--loader", "fork"], "--loader takes")):
         code, stdout, stderr = run_cli("predict", tmp_path, "--out", tmp_path / "out", *args, capsys=capsys)
