@@ -739,7 +739,8 @@ def cohort_section(args, workdir: Path, device: str) -> dict:
         separate.append({"cases": [{"network_seconds": 0.0, "seconds": summary["seconds"], "load_seconds": 0.0}]})
     record("separate processes", now() - t0, [], 1)
     result["runs"]["separate processes"]["per_case_s"] = [c["cases"][0]["seconds"] for c in separate]
-    for loader in ("workers", "thread", "none"):
+    loaders = [x.strip() for x in args.cohort_loaders.split(",") if x.strip()]
+    for loader in loaders:
         t0 = now()
         report = _finish(_uniseg([scans, *common, "--loader", loader], threads, root / f"batch-{loader}"))
         record(f"one batch run, loader {loader}", now() - t0, [report], 1)
@@ -750,7 +751,7 @@ def cohort_section(args, workdir: Path, device: str) -> dict:
     reference = {c.name: np.asanyarray(nib.load(c).dataobj) for c in (root / "separate").glob("crop*_liver.nii.gz")}
     result["identical"] = len(reference) == len(cases) and all(
         np.array_equal(np.asanyarray(nib.load(root / run / name).dataobj), labels)
-        for run in ("batch-workers", "batch-thread", "batch-none", "shards") for name, labels in reference.items())
+        for run in [f"batch-{x}" for x in loaders] + ["shards"] for name, labels in reference.items())
     separate_wall = result["runs"]["separate processes"]["wall_s"]
     batch = min((r for n, r in result["runs"].items() if n.startswith("one batch")), key=lambda r: r["wall_s"])
     result["speedup_batch_vs_separate"] = separate_wall / batch["wall_s"]
@@ -899,6 +900,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--cohort-model", default="full", choices=("full", "small"),
                         help="the network of the cohort section: full size (default) or the test suite's small one")
+    parser.add_argument("--cohort-loaders", default="workers,thread,none",
+                        help="the batch runs of the cohort section, one per --loader of uniseg-hub predict")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--case-result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
