@@ -236,9 +236,10 @@ class CaseIteration:
         load = batch.get("case_load_seconds")
         result.load_seconds = round(float(load[0]) if load is not None else 0.0, 3)
         output = None
+        if "case_error" in batch:  # it failed in the loader (reading, preprocessing): nothing was written
+            result.status, result.error = "failed", str(batch["case_error"][0])
+            return self._finish(engine, result, start, output)
         try:
-            if "case_error" in batch:
-                raise _CaseFailed(str(batch["case_error"][0]))
             planned = _planned(self.layout, self.probabilities_layout, subject, self.options)
             check_names(planned)
             with claim_outputs(planned):
@@ -252,10 +253,11 @@ class CaseIteration:
                 written = write_companions(case_outputs({**item, **out}), self.options, self.layout, self.names,
                                            self.postfix)
                 result.label_map = written.label_map
-        except _CaseFailed as e:
-            result.status, result.error = "failed", str(e)
         except Exception as e:  # this case's failure: recorded, the others go on
             result.status, result.error = "failed", describe_error(e)
+        return self._finish(engine, result, start, output)
+
+    def _finish(self, engine, result: CaseResult, start: float, output):
         result.seconds = round(time.perf_counter() - start, 3)
         if self._forward_done is not None:
             result.network_seconds = round(self._forward_done - start, 3)
@@ -265,11 +267,6 @@ class CaseIteration:
         if result.status == "failed" and self.fail_fast:
             engine.terminate()
         return output
-
-
-
-class _CaseFailed(Exception):
-    """A case that failed before the network (reading, preprocessing): its message as the guarded loader gave it."""
 
 
 def predict_cohort(
