@@ -2,7 +2,9 @@
 
 Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage error (unknown command or option, a
 missing or extra argument, an option given twice or with a value of the wrong kind), rejected before anything
-runs; 130 Ctrl-C, 143 SIGTERM, 141 when stdout's reader went away. Help goes to stdout; only results do besides.
+runs; 130 Ctrl-C, 143 SIGTERM, 141 when stdout's reader went away. ``predict`` over a cohort (a folder, glob or
+datalist) exits 1 when any case failed, after printing the report table (every case's status) on stdout.
+Help goes to stdout; only results do besides.
 Every command has ``--help``. Values stay the strings that were typed (fire alone would turn ``--revision 1e5``
 into a float). Commands import what they need when they run, so ``list``, ``info``, ``download``, ``verify`` and
 ``path`` start without importing torch.
