@@ -274,3 +274,20 @@ def test_two_gloo_ranks_and_two_shards_give_the_single_process_outputs(cohort, c
         expected = labels(tmp_path / "one" / f"case{i}_liver.nii.gz")
         for other in ("ranks", "shards"):
             np.testing.assert_array_equal(labels(tmp_path / other / f"case{i}_liver.nii.gz"), expected)
+
+
+@pytest.mark.slow
+def test_a_folder_of_dicom_series_is_a_cohort_of_one_case_per_series(cohort, converted_small, tmp_path, capsys):
+    pytest.importorskip("itk")
+    from dicom_series import write_series
+
+    studies = tmp_path / "studies"
+    for i in (0, 1):
+        write_series(cohort / f"case{i}.nii.gz", studies / f"patient{i}")
+    code, stdout, stderr = run_cli("predict", studies, "--out", tmp_path / "out", "--model", converted_small,
+                                   "--notta", "--device", "cpu", "--noprogress", "--nopreview", capsys=capsys)
+    assert code == 0, stderr
+    assert [line.split()[:2] for line in stdout.splitlines()[1:-1]] == [["patient0", "done"], ["patient1", "done"]]
+    alone = predict(str(studies / "patient1"), out_dir=str(tmp_path / "alone"), weights=str(converted_small),
+                    tta=False, progress=False, device="cpu", preview=False)
+    np.testing.assert_array_equal(labels(tmp_path / "out" / "patient1_liver.nii.gz"), labels(alone.label_map))
