@@ -2,7 +2,9 @@
 
 Exit codes: 0 success, 1 failure (one line on stderr, no traceback), 2 usage error (unknown command or option, a
 missing or extra argument, an option given twice or with a value of the wrong kind), rejected before anything
-runs; 130 Ctrl-C, 143 SIGTERM, 141 when stdout's reader went away. Help goes to stdout; only results do besides.
+runs; 130 Ctrl-C, 143 SIGTERM, 141 when stdout's reader went away. ``predict`` over a cohort (a folder, glob or
+datalist) exits 1 when any case failed, after printing the report table (every case's status) on stdout.
+Help goes to stdout; only results do besides.
 Every command has ``--help``. Values stay the strings that were typed (fire alone would turn ``--revision 1e5``
 into a float). Commands import what they need when they run, so ``list``, ``info``, ``download``, ``verify`` and
 ``path`` start without importing torch.
@@ -253,14 +255,24 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
             device=None, tta: bool = True, overlap: float = 0.5, probabilities: bool = False, preview: bool = True,
             overwrite: bool = False, progress: bool = True, modality: str = "CT", resampling: str = "nnunet",
             nan: str = "zero", normalization_mask: str = "training", window: str = "nnunet",
-            format: str = "nifti", json: bool = False) -> None:
-    """Segment a scan for one task or all tasks: label map, PNG preview and label volumes.
+            format: str = "nifti", json: bool = False, fail_fast: bool = False, shard=None,
+            loader: str = "workers") -> None:
+    """Segment a scan, or a cohort of scans, for one task or all tasks: label map, PNG preview and label volumes.
 
     INPUT is a NIfTI file, a DICOM series folder, or one file per channel for multi-channel tasks (brats: T1, T1ce,
     T2, FLAIR; autopet: CT, PET), on one grid. Runs the MONAI bundle's inference config.
 
+    A cohort is a folder of NIfTI files (nnU-Net's case_0000.nii.gz, case_0001.nii.gz ... are the channels of one
+    case) or of DICOM series (one per subfolder), a quoted glob ('scans/*.nii.gz'), or a datalist (.json: MONAI's
+    Decathlon format, cases under "testing"; .csv: one case per row, an image column, or image_0000,
+    image_0001 ... columns for the channels). The model loads once; the next case is read while the network
+    works. A failed case is reported and skipped; at the end a table (case, status, seconds, error) is printed and
+    written as predict_report.json/.csv in the output folder. Exit status 0 when every case succeeded (or was
+    complete already), 1 when any failed. Rerunning the command skips the complete cases and redoes partial ones.
+    Under torchrun the cases are split over the ranks (one GPU each), and rank 0 writes the report.
+
     Args:
-        inputs: the scan: one file or folder, or one file per channel.
+        inputs: the scan: one file or folder, or one file per channel; or a cohort (folder, glob, datalist).
         task: liver, kidney, hepatic_vessel, pancreas, colon, lung, spleen, vertebrae, prostate, brats, autopet, an
             id 0-10, or all (every task of the input's modality; the encoder is shared).
         out: output folder; <case>_<task>.nii.gz, _preview.png, _volumes.json/.csv (and _probabilities.nii.gz).
@@ -286,6 +298,11 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
             segmentation file with names and colours) or dicom-seg (also a DICOM Segmentation referencing the
             input series; DICOM series input only, needs uniseg-hub[dicom]).
         json: print the result as JSON.
+        fail_fast: cohorts: stop at the first failed case (the others are reported as not run).
+        shard: cohorts: I/N runs the I-th of N deterministic parts of the cases (SLURM arrays; report
+            predict_report_shard-I-of-N.*).
+        loader: cohorts: how the next case is read while the network works: workers (a DataLoader worker
+            process), thread (MONAI's ThreadDataLoader) or none.
     """
     from .app.predict import predict as run
     from .app.predict import quiet
@@ -299,12 +316,83 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
                        window=window, format=format)
     except ConfigError as e:
         usage_error("predict", " ".join(str(e).split()))
+    # --- cohorts (issue 16): a folder, glob or datalist; everything else is one case, as before ---
+    from .app.cohort import LOADERS, parse_shard
+    from .errors import InputError
+    from .pipeline.cases import is_cohort
+
+    try:
+        parse_shard(shard)
+    except InputError as e:
+        usage_error("predict", " ".join(str(e).split()))
+    if loader not in LOADERS:
+        usage_error("predict", f"--loader takes {', '.join(LOADERS)}, got {loader!r}")
     quiet()
+
+    if is_cohort(list(inputs)) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        _predict_cohort(list(inputs), json=json, progress=progress, fail_fast=fail_fast, shard=shard,
+                        loader=loader, task=task, out_dir=out, weights=model, device=device, tta=tta,
+                        overlap=overlap, probabilities=probabilities, preview=preview, overwrite=overwrite,
+                        modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
+                        window=window, format=format)
+        return
+    # --- one case ---
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
                  probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                  modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
                  window=window, format=format)
     emit(result.as_dict(), json, _describe(result))
+
+
+def _predict_cohort(inputs: list[str], *, json: bool, progress, fail_fast, shard, loader, **options) -> None:
+    """``predict`` over a cohort: a progress bar over the cases (stderr, rank 0), the report table (stdout), and
+    exit status 1 with one line when a case failed."""
+    from .app.cohort import predict_cohort
+    from .config import parse_bool
+
+    show = parse_bool(progress, "progress")  # checked with the other options
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0
+    bar = []
+
+    def on_case(result, total: int) -> None:
+        if not (show and main_rank):
+            return
+        if not bar:
+            from tqdm import tqdm
+
+            bar.append(tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True, desc="cases"))
+        bar[0].set_postfix_str(f"{result.case}: {result.status}", refresh=False)
+        bar[0].update(1)
+
+    try:
+        report = predict_cohort(inputs, fail_fast=fail_fast, shard=shard, loader=loader, on_case=on_case, **options)
+    finally:
+        if bar:
+            bar[0].close()
+    if report.main:
+        emit(report.as_dict(), json, _cohort_table(report))
+    if not report.ok:
+        if not report.main:
+            raise SystemExit(1)
+        failed = [c for c in report.cases if c.status == "failed"]
+        first = f" (first: {failed[0].case}: {failed[0].error})" if failed else ""
+        _fail(f"{len(failed)} of {len(report.cases)} cases failed{first}; the others are done; see "
+              f"{report.report_csv}")
+
+
+def _cohort_table(report) -> str:
+    """The cohort's report as an aligned table (case, status, seconds, error), then one summary line."""
+    head = ("case", "status", "seconds", "error")
+    body = [(c.case, c.status, f"{c.seconds:.1f}", c.error) for c in report.cases]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(3)]
+    lines = ["  ".join([line[0].ljust(widths[0]), line[1].ljust(widths[1]), line[2].rjust(widths[2]),
+                        line[3]]).rstrip() for line in (head, *body)]
+    counts = ", ".join(f"{n} {s}" for s, n in report.counts.items() if n)
+    shard = f" (shard {report.shard})" if report.shard else ""
+    ranks = f" on {report.ranks} ranks" if report.ranks > 1 else ""
+    lines.append(f"{len(report.cases)} cases{shard}{ranks}: {counts or 'none'} in {report.seconds:.1f} s; report: "
+                 f"{report.report_csv}")
+    return "\n".join(lines)
 
 
 def _describe(result) -> str:

@@ -170,7 +170,16 @@ def _segment(workflow, options: PredictOptions, layout, names, postfix: str, sta
     cases = run_workflow(workflow)
     if len(cases) != 1:
         raise RuntimeError(f"the bundle segmented {len(cases)} cases for one input")
-    case = cases[0]
+    model, tasks = (_typed(workflow.parser.get_parsed_content, name) for name in ("network", "tasks"))
+    result = write_companions(cases[0], options, layout, names, postfix, model, tasks[0], inputs[0])
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
+
+
+def write_companions(case: dict, options: PredictOptions, layout, names, postfix: str, model, task,
+                     source: str) -> Prediction:
+    """The preview and the volume tables of one segmented case (``case_outputs``), beside its label map; ``model``
+    and ``task`` (the first of the run's tasks) and the ``source`` input name the preview's title and window."""
     from .report import label_volumes, render_preview, write_volume_tables
 
     result = Prediction(label_map=case["label_map"], task=postfix, seconds=0.0,
@@ -182,15 +191,13 @@ def _segment(workflow, options: PredictOptions, layout, names, postfix: str, sta
     # output formats (written by the bundle: pipeline.label_files) and the titled, windowed preview
     from .report import preview_title
 
-    model, tasks = (_typed(workflow.parser.get_parsed_content, name) for name in ("network", "tasks"))
     result.colour_table, result.itksnap_labels = files["colour_table"], files["itksnap_labels"]
     result.converted = case.get("converted")
     if options.preview:
         render_preview(case["source"], case["labels"], case["affine"], names, Path(files["preview"]),
-                       title=preview_title(inputs[0], postfix, model, options.weights),
-                       window="ct" if tasks[0].channels[0] == "CT" else "percentile")
+                       title=preview_title(source, postfix, model, options.weights),
+                       window="ct" if task.channels[0] == "CT" else "percentile")
         result.preview = files["preview"]
-    result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 

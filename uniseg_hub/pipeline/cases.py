@@ -219,30 +219,209 @@ def datalist(input=None, dataset_dir: str | None = None, datalist_file: str | No
     """What to segment, as ``[{"image": path or [paths]}, ...]``.
 
     ``input``: one image path, or a list of paths holding the channels of one image (BraTS, AutoPET).
-    ``datalist_file``: a JSON list of such dicts (or ``{"testing": [...]}`` as in Decathlon datalists); relative
-    paths are taken from the file's folder. ``dataset_dir``: every image in the folder; files named with nnU-Net's
-    ``_0000``, ``_0001`` ... suffixes are grouped as the channels of one case.
+    ``datalist_file``: a Decathlon-style JSON datalist (``{"testing": [...]}``, else ``"validation"``, read with
+    MONAI's ``load_decathlon_datalist``), a plain JSON list of such items, or a CSV file with one case per row
+    (``read_datalist``); relative paths are taken from the file's folder. ``dataset_dir``: the cases of a folder
+    (``folder_cases``): its images, files named with nnU-Net's ``_0000``, ``_0001`` ... suffixes grouped as the
+    channels of one case, or one DICOM series per subfolder.
     """
     if input:
         return [{"image": [str(p) for p in input] if isinstance(input, (list, tuple)) else str(input)}]
     if datalist_file:
-        base = Path(datalist_file).parent
-        items = json.loads(Path(datalist_file).read_text())
-        items = items.get("testing", items.get("validation", [])) if isinstance(items, dict) else items
-        resolve = lambda p: str(p if os.path.isabs(p) else base / p)  # noqa: E731
-        out = []
-        for item in items:
-            item = {"image": item} if not isinstance(item, dict) else dict(item)
-            for key in ("image", "label"):
-                if key in item:
-                    value = item[key]
-                    item[key] = [resolve(p) for p in value] if isinstance(value, list) else resolve(value)
-            out.append(item)
-        return out
+        return read_datalist(datalist_file)
     if dataset_dir:
-        files = sorted(f for f in glob.glob(os.path.join(dataset_dir, "*")) if f.lower().endswith(IMAGE_SUFFIXES))
-        cases: dict[str, list[str]] = {}
-        for f in files:
-            cases.setdefault(_case_key(f), []).append(f)
-        return [{"image": fs if len(fs) > 1 else fs[0]} for fs in cases.values()]
+        return folder_cases(dataset_dir)
     return []
+
+
+DATALIST_SUFFIXES = (".json", ".csv")
+"""A single input with one of these suffixes is a datalist (a cohort), not an image."""
+
+
+def _channels(item: Mapping) -> dict:
+    """An item with its channel keys (``image``, or ``image_0``, ``image_1`` ... / ``image1`` ... in their order)
+    gathered into ``image`` (one path, or a list of paths)."""
+    keys = [k for k in item if str(k).lower().startswith("image") and item[k] not in (None, "")]
+    out = {k: v for k, v in item.items() if k not in keys}
+    if keys == ["image"]:
+        out["image"] = item["image"]
+    elif keys:
+        paths = []
+        for k in keys:
+            paths.extend(item[k] if isinstance(item[k], (list, tuple)) else [item[k]])
+        out["image"] = paths if len(paths) > 1 else paths[0]
+    return out
+
+
+def read_datalist(path: str | os.PathLike, key: str | None = None) -> list[dict]:
+    """The cases of a datalist file, ``[{"image": path or [paths], ...}, ...]``, paths made absolute from the file's
+    folder.
+
+    JSON: MONAI's Decathlon datalist (``load_decathlon_datalist``) under ``key`` (default ``testing``, else
+    ``validation``; ``test`` too), or a plain list of items or paths. CSV: a header row; the columns whose name
+    starts with ``image`` are the case's channels, in column order (``image`` alone for one channel), other columns
+    (``label``, ``case``...) are kept as they are. InputError for a missing, unreadable or empty datalist.
+    """
+    import csv
+
+    from monai.data import load_decathlon_datalist
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"datalist {path} does not exist")
+    base = path.parent
+    resolve = lambda p: str(p if os.path.isabs(str(p)) else base / str(p))  # noqa: E731
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="") as f:
+                rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(f)]
+            items = [_channels(row) for row in rows if any(row.values())]
+        else:
+            content = json.loads(path.read_text())
+            if isinstance(content, dict):
+                key = key or next((k for k in ("testing", "test", "validation") if k in content), "testing")
+                if key not in content:
+                    raise InputError(f"datalist {path} has no {key!r} list (it has {', '.join(content) or 'nothing'}); "
+                                     "put the cases to segment under \"testing\"")
+                listed = content[key]
+                if isinstance(listed, list) and all(isinstance(item, dict) for item in listed):
+                    items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=key,
+                                                    base_dir=str(base))
+                else:  # Decathlon's test lists hold plain paths (MONAI reads those only under "test")
+                    items = [{"image": item} if not isinstance(item, dict) else dict(item) for item in listed]
+            else:
+                items = [{"image": item} if not isinstance(item, dict) else dict(item) for item in content]
+            items = [_channels(item) for item in items]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot read the datalist {path} ({type(e).__name__}: {e}); give a Decathlon JSON "
+                         "datalist or a CSV file with an image column") from e
+    out = []
+    for number, item in enumerate(items, 1):
+        if "image" not in item:
+            raise InputError(f"case {number} of the datalist {path} names no image; give an \"image\" key or column "
+                             "(image_0000, image_0001 ... for the channels of multi-channel tasks)")
+        value = item["image"]
+        item["image"] = [resolve(p) for p in value] if isinstance(value, (list, tuple)) else resolve(value)
+        out.append(item)
+    if not out:
+        raise InputError(f"the datalist {path} lists no case")
+    return out
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)
+
+
+def folder_cases(folder: str | os.PathLike) -> list[dict]:
+    """The cases of a folder, sorted by name: its image files (NIfTI...), nnU-Net's ``case_0000.nii.gz`` ...
+    ``case_0003.nii.gz`` grouped as the channels of ``case``; and each subfolder that holds a DICOM series (files,
+    no image files) as one case."""
+    entries = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "*")))
+    cases: dict[str, list[str]] = {}
+    for f in entries:
+        if _is_image(f):
+            cases.setdefault(_case_key(f), []).append(f)
+        elif os.path.isdir(f) and is_dicom_series_folder(f):
+            cases.setdefault(case_name(f), []).append(f)
+    return [{"image": fs if len(fs) > 1 else fs[0]} for fs in cases.values()]
+
+
+def is_dicom_series_folder(folder: str | os.PathLike) -> bool:
+    """A folder that holds files and no image file (NIfTI...) nor subfolder with cases: read as one DICOM series."""
+    files = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    return any(e.is_file() for e in files) and not any(e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
+                                                       for e in files)
+
+
+def is_cohort(inputs: Sequence[str]) -> bool:
+    """Whether ``predict``'s inputs name a set of cases rather than one scan: one datalist file (.json, .csv), a
+    glob pattern that is not a file's name, or one folder that is not a DICOM series (images, or series in
+    subfolders). One file, one DICOM series folder, or one file per channel is one case."""
+    if len(inputs) != 1:
+        return False
+    path = str(inputs[0])
+    if os.path.isfile(path):
+        return path.lower().endswith(DATALIST_SUFFIXES)
+    if os.path.isdir(path):
+        return not is_dicom_series_folder(path) and any(os.scandir(path))
+    return glob.has_magic(path)
+
+
+def discover_cases(inputs: Sequence[str]) -> list[dict]:
+    """The cases ``inputs`` name: a datalist's, a folder's (``folder_cases``) or a glob's (images
+    and DICOM series folders matched, grouped by nnU-Net's channel naming), sorted and without duplicates.
+    InputError when there is none. Inputs that are one case (not ``is_cohort``) give that case alone."""
+    if not is_cohort(inputs):
+        if not inputs:
+            raise InputError("no input given; pass a scan, a folder of scans, a glob or a datalist")
+        return [{"image": str(inputs[0]) if len(inputs) == 1 else [str(p) for p in inputs]}]
+    path = str(inputs[0])
+    if os.path.isfile(path):
+        cases = read_datalist(path)
+    elif os.path.isdir(path):
+        cases = folder_cases(path)
+    else:
+        grouped: dict[str, list[str]] = {}
+        for f in sorted(glob.glob(path, recursive=True)):
+            if _is_image(f) or (os.path.isdir(f) and is_dicom_series_folder(f)):
+                grouped.setdefault(os.path.join(os.path.dirname(f), _case_key(f)), []).append(f)
+        cases = [{"image": fs if len(fs) > 1 else fs[0]} for fs in grouped.values()]
+    if not cases:
+        raise InputError(f"{path} names no case to segment: give a folder of NIfTI files (or of DICOM series, one per "
+                         "subfolder), a glob such as 'scans/*.nii.gz', or a datalist (.json, .csv)")
+    seen: dict[str, str] = {}
+    for case in cases:
+        first = case_subject(case)
+        name = case_name(first)
+        if name in seen and seen[name] != first:
+            raise InputError(f"two cases are both named {name} ({seen[name]} and {first}): their outputs would "
+                             "collide in one --out folder; rename one or split the run")
+        seen[name] = first
+    return cases
+
+
+def case_subject(item: Mapping) -> str:
+    """The input that names a case's outputs: its image, or the first of its channel files."""
+    image = item["image"]
+    return str(image[0] if isinstance(image, (list, tuple)) else image)
+
+
+def shard_cases(cases: Sequence, index: int, count: int) -> list:
+    """The ``index``-th (0-based) of ``count`` deterministic parts of ``cases``: every ``count``-th case from the
+    ``index``-th (MONAI's ``partition_dataset``, no shuffling), so parts differ by at most one case and together
+    hold each case once."""
+    from monai.data import partition_dataset
+
+    if count <= 1 or not cases:
+        return list(cases)
+    return list(partition_dataset(list(cases), num_partitions=count, shuffle=False, even_divisible=False)[index])
+
+
+class GuardedTransform:
+    """A cohort's dataset transform: ``transform`` (the bundle's preprocessing) applied to one case, and a case
+    that cannot be read or prepared turned into an item that says so (``{"case", "case_error"}``) instead of an
+    exception that would end the run over every case. Also records the case's name (``case``), the input that names
+    its outputs (``case_subject``) and the seconds its
+    loading and preprocessing took (``case_load_seconds``). ``describe(error)`` gives the message (default: the
+    error's type and text)."""
+
+    def __init__(self, transform, describe=None):
+        self.transform = transform
+        self.describe = describe
+
+    def __call__(self, data: Mapping) -> dict:
+        import time
+
+        start = time.perf_counter()
+        subject = case_subject(data)
+        case = case_name(subject)
+        try:
+            out = self.transform(data)
+        except Exception as e:  # any failure is this case's: reported with it, the others go on
+            message = self.describe(e) if self.describe is not None else f"{type(e).__name__}: {e}"
+            return {"case": case, "case_subject": subject, "case_error": message}
+        out = dict(out)
+        out["case"], out["case_subject"], out["case_load_seconds"] = case, subject, time.perf_counter() - start
+        return out

@@ -36,7 +36,8 @@ def shard(data: Sequence, even_divisible: bool = False, shuffle: bool = False, s
     """This rank's part of ``data`` (all of it when not distributed).
 
     ``even_divisible`` repeats items so every rank gets as many (training); otherwise ranks may differ by one item
-    (evaluation: every case is scored exactly once, and the metrics are gathered across ranks).
+    (evaluation: every case is scored exactly once, and the metrics are gathered across ranks; the same split as
+    ``uniseg-hub predict`` under torchrun, ``pipeline.cases.shard_cases``).
     """
     if not (dist.is_available() and dist.is_initialized()) or not data:
         return list(data)
@@ -46,6 +47,10 @@ def shard(data: Sequence, even_divisible: bool = False, shuffle: bool = False, s
             f"{len(data)} case(s) cannot be shared by {world} processes (one would get none and hang the gathering "
             f"of gradients or metrics); run with at most {len(data)} processes (torchrun --nproc_per_node)"
         )
+    if not even_divisible and not shuffle:  # evaluation: the split `uniseg-hub predict` makes of a cohort
+        from ..pipeline.cases import shard_cases
+
+        return shard_cases(data, rank(), world)
     parts = partition_dataset(data, num_partitions=world, shuffle=shuffle, seed=seed, even_divisible=even_divisible)
     return parts[rank()]
 
