@@ -96,7 +96,7 @@ def predict(
     out_dir: str = "uniseg-output",
     weights: str = DEFAULT_MODEL,
     device: str | None = None,
-    tta: bool = True,
+    tta: int | bool = 8,
     overlap: float = 0.5,
     probabilities: bool = False,
     preview: bool = True,
@@ -107,6 +107,8 @@ def predict(
     resampling: str = "nnunet",
     nan: str = "zero",
     normalization_mask: str = "training",
+    precision: str = "auto",
+    fast: bool = False,
 ) -> Prediction:
     """Segment one scan (one file, or one file per channel, or a DICOM series folder) for a task or ``"all"``.
 
@@ -119,11 +121,15 @@ def predict(
     (``outputs.claim_outputs``: another run on them is an ``InputError`` at once, a killed run's incomplete set is
     replaced) and checked (names, free space, folder, device) before the model loads; a failure removes what was
     written.
+
+    Speed (issue 17): ``tta`` is the number of test-time flips, 8 (official), 4, 2 or 1 (``True``/``False`` = 8/1);
+    ``precision`` is ``auto`` (official: float16 autocast on CUDA, float32 on CPU), ``fp32``, ``bf16`` or ``fp16``;
+    ``fast`` takes ``config.FAST_PRESET`` for ``tta`` and ``overlap`` left at their defaults.
     """
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                              modality=modality, sw_batch_size=sw_batch_size, resampling=resampling, nan=nan,
-                             normalization_mask=normalization_mask)
+                             normalization_mask=normalization_mask, precision=precision, fast=fast)
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
@@ -131,6 +137,7 @@ def predict(
         if not os.path.exists(path):
             raise InputError(f"input {path} does not exist")
     _check_device(options.device)
+    _check_precision(options)
     _check_writable(options.out_dir)
     start = time.perf_counter()
     workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
@@ -191,6 +198,7 @@ def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
                  "keep_source": options.preview, "sw_batch_size": options.sw_batch_size,
                  "resampling": options.resampling, "nan": options.nan,
                  "normalization_mask": options.normalization_mask}
+    overrides["precision"] = options.precision  # speed options (issue 17); options.tta is a level, --fast applied
     if options.device is not None:
         overrides["device"] = f"$torch.device({options.device!r})"
     return overrides
@@ -220,6 +228,19 @@ def _check_device(device: str | None) -> None:
         have = f"{count} CUDA device(s)" if count else f"no CUDA device (torch {torch.__version__})"
         raise InputError(f"--device {device}: PyTorch sees {have}; use --device cpu, or leave --device out to use "
                          "a GPU when there is one")
+
+
+def _check_precision(options: PredictOptions) -> None:
+    """Speed options (issue 17): a precision the device cannot run is an error now (``fp16`` on CPU), and bf16 on a
+    CPU without native bfloat16 a warning, before the model loads (``pipeline.predictor.autocast_dtype``)."""
+    if options.precision in ("auto", "fp32"):
+        return
+    import torch
+
+    from ..pipeline.predictor import autocast_dtype
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast_dtype(options.precision, torch.device(device).type)
 
 
 def _check_writable(folder: str) -> None:
