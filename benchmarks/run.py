@@ -64,9 +64,10 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the working tree's package; agreement.py
 sys.path.insert(0, str(ROOT / "tests"))  # official_format: writes official-format checkpoints (test support)
 
-SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "resampling", "e2e", "large")
+SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "resampling", "e2e", "large", "agreement")
 PATCH = (192, 192, 64)
 FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
 
@@ -110,6 +111,10 @@ def machine() -> dict:
         import monai
 
         info["monai"] = monai.__version__
+    from uniseg_hub.cpu import native_bf16
+    from uniseg_hub.cpu.precision import bf16_flags
+
+    info["native_bf16"], info["bf16_flags"] = native_bf16(), bf16_flags()
     return info
 
 
@@ -323,6 +328,14 @@ def predictor_call(model, x):
     return TaskPredictor(model, [get_task("liver")], mirror=False)(x)
 
 
+def bf16_call(model, x):
+    """One window through the inference path with ``precision="bf16"`` (opt-in on CPU: bfloat16 autocast)."""
+    from uniseg_hub.pipeline import TaskPredictor
+    from uniseg_hub.tasks import get_task
+
+    return TaskPredictor(model, [get_task("liver")], mirror=False, precision="bf16")(x)
+
+
 def unoptimised():
     """Process state of the unoptimised path: glibc's default malloc (the network is the plain model itself)."""
     from uniseg_hub.cpu.memory import _glibc_default_malloc
@@ -335,6 +348,9 @@ def optimised():
     from uniseg_hub.cpu import retain_freed_memory
 
     retain_freed_memory()
+
+
+BF16_ROW = "UniSeg, inference path, --precision bf16 (CPU opt-in)"
 
 
 def forward_section(args, peak: float | None, device: str = "cpu", peers: bool = True) -> tuple[list, list]:
@@ -354,6 +370,8 @@ def forward_section(args, peak: float | None, device: str = "cpu", peers: bool =
              not args.quick)]
     if device == "cuda":
         ours.append(("UniSeg, inference path, fp16 autocast", model, predictor_call, optimised, True, True))
+    else:  # issue 17: the opt-in bfloat16 (fast where the CPU has AMX or AVX512_BF16)
+        ours.append((BF16_ROW, model, bf16_call, optimised, False, not args.quick))
     others, skipped = [], []
     if peers:
         others.append(("MONAI DynUNet, same stages", dynunet_model().to(device), plain_call, optimised, False,
@@ -707,6 +725,18 @@ def targets(results: dict) -> list[dict]:
                     "measured": f"{100 * ours['fraction_of_peak']:.0f} % (wall clock)"
                     + (f", {100 * cpu:.0f} % (per CPU-second)" if cpu else ""),
                     "met": ours["fraction_of_peak"] >= 0.8})
+    official = forward.get("UniSeg, unoptimised (plain eager path, default malloc)")
+    if ours and official:  # issue 17: per patch against the official class's plain forward, same run
+        out.append({"target": "CPU float32 per patch >= 1.5x the official class's forward",
+                    "measured": f"{official['best_s'] / ours['best_s']:.2f}x ({official['best_s']:.1f} s -> "
+                                f"{ours['best_s']:.1f} s)", "met": official["best_s"] / ours["best_s"] >= 1.5})
+    bf16 = forward.get(BF16_ROW)
+    if bf16 and official:
+        flags = results["machine"].get("bf16_flags") or []
+        cpu = f"native bf16 ({'/'.join(flags)})" if flags else "no native bf16"
+        out.append({"target": "CPU bf16 per patch >= 2.5x the official class in float32 (native bf16 CPUs)",
+                    "measured": f"{official['best_s'] / bf16['best_s']:.2f}x ({bf16['best_s']:.1f} s; this CPU: {cpu})",
+                    "met": official["best_s"] / bf16["best_s"] >= 2.5})
     e2e = [r for r in results.get("e2e", []) if "1.5 mm" in r["name"] and "unoptimised" not in r["name"]]
     if e2e:
         worst = max(r["non_network_fraction"] for r in e2e)
@@ -827,6 +857,11 @@ def main(argv=None) -> int:
             total = sum(r["total_s"] for r in one_by_one)
             results["tasks"]["e2e"] = {"all_s": all_run["total_s"], "one_by_one_s": total,
                                        "speedup": total / all_run["total_s"], "runs": one_by_one}
+    if "agreement" in sections:  # issue 17: TTA levels, overlaps, bf16 against the official settings
+        log("agreement of the speed options with the official settings, sample CT ...")
+        import agreement
+
+        results["agreement"] = agreement.run(agreement.parser().parse_args(["--workdir", str(workdir)]))
     if "peak" in sections:
         results["peak"]["end"] = matmul_peak(device)
         results["peak"]["gflops"] = max(results["peak"]["start"]["gflops_best"],
@@ -843,6 +878,11 @@ def main(argv=None) -> int:
 
     text = table(results)
     print(text)
+    if "agreement" in results:
+        import agreement
+
+        print()
+        print(agreement.table(results["agreement"]))
     print()
     for t in results["targets"]:
         print(f"{'MET  ' if t['met'] else 'UNMET'}  {t['target']}: {t['measured']}")

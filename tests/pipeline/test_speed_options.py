@@ -189,3 +189,36 @@ def test_cli_tta_takes_a_level_or_a_switch_and_keeps_the_input(args, tta):
 def test_cli_fast_and_precision_options():
     out = cli.guard_args("predict", ["scan.nii.gz", "--fast", "--precision", "bf16"])
     assert "--fast=True" in out and "--precision='bf16'" in out
+
+
+# --- device-agnostic pieces and the compile option (the CUDA runs themselves: tests/cuda, benchmarks/gpu.sh) --------
+
+def test_resampling_back_runs_on_the_predictions_device():
+    """The matrices are built on the CPU; the products run where the prediction is (``meta`` stands in for CUDA)."""
+    from uniseg_hub.pipeline.resampling import resample_separable
+
+    data = torch.empty(2, 4, 5, 6, device="meta")
+    matrices = [torch.rand(8, 4, dtype=torch.float64), None, torch.rand(3, 6, dtype=torch.float64)]
+    out = resample_separable(data, matrices)
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 8, 5, 3)
+
+
+@pytest.mark.parametrize("value, mode", [(False, None), ("false", None), (True, "default"),
+                                         ("reduce-overhead", "reduce-overhead"), ("MAX-AUTOTUNE", "max-autotune")])
+def test_compile_option_compiles_the_per_flip_call(value, mode, model, image, monkeypatch):
+    compiled = []
+
+    def fake_compile(fn, mode=None):
+        compiled.append(mode)
+        return lambda x: fn(x) * 1  # stands in for the compiled function: called on every flip
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    predictor_ = TaskPredictor(model, [get_task("liver")], mirror=2, compile=value, cpu_fast_path=False)
+    with torch.no_grad():
+        predictor_(image)
+    assert compiled == ([] if mode is None else [mode])
+
+
+def test_unknown_compile_mode_is_refused(model):
+    with pytest.raises(ConfigError, match="compile must be"):
+        TaskPredictor(model, [get_task("liver")], compile="turbo")

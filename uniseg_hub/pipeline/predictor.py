@@ -59,6 +59,19 @@ def autocast_dtype(precision: str, device_type: str, amp: bool = False) -> torch
     return _DTYPES[precision]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: bool | str) -> str | None:
+    """``MirroredPredictor``'s ``compile``: None (off), or a ``torch.compile`` mode (``True`` is ``default``)."""
+    if isinstance(value, str) and value.strip().lower() in COMPILE_MODES:
+        return value.strip().lower()
+    try:
+        return "default" if parse_bool(value, "compile") else None
+    except ConfigError:
+        raise ConfigError(f"compile must be true/false or one of {', '.join(COMPILE_MODES)}, got {value!r}") from None
+
+
 class MirroredPredictor(nn.Module):
     """(B, C, *patch) image -> (B, K, *patch) softmax probabilities, averaged over the mirror flips.
 
@@ -71,6 +84,9 @@ class MirroredPredictor(nn.Module):
         precision: ``config.PRECISIONS``: ``auto`` (the official: ``amp`` on CUDA, float32 on CPU), ``fp32``,
             ``bf16`` or ``fp16`` autocast (``autocast_dtype``). A model whose weights are in another dtype
             (``load_model(dtype=...)``) gets its input in that dtype.
+        compile: ``torch.compile`` the per-flip network call (off by default): ``True`` or a mode, e.g.
+            ``reduce-overhead`` (CUDA graphs on CUDA) or ``max-autotune``; the CPU fast path steps aside while
+            compiled code runs. Measured in ``benchmarks/gpu.sh``; compiling takes minutes on a small CPU.
         cpu_fast_path: run the model through ``uniseg_hub.cpu.prepare_for_inference`` (on by default): same results
             within float32 tolerance, faster on CPU; it shares the model's parameters and leaves other devices and
             dtypes to the plain model. ``self.model`` is what runs: the prepared wrapper, or ``model`` when off.
@@ -79,12 +95,16 @@ class MirroredPredictor(nn.Module):
     """
 
     def __init__(self, model: nn.Module, mirror: bool | int = True, amp: bool = False, cpu_fast_path: bool = True,
-                 precision: str = "auto"):
+                 precision: str = "auto", compile: bool | str = False):
         super().__init__()
         self.model = prepare_for_inference(model) if parse_bool(cpu_fast_path, "cpu_fast_path") else model
         self.flips = mirror_axes(mirror)
         self.amp = parse_bool(amp)
         self.precision = parse_precision(precision)
+        self.compile_mode = compile_mode(compile)
+        self._probabilities = self.probabilities
+        if self.compile_mode is not None:
+            self._probabilities = torch.compile(self.probabilities, mode=self.compile_mode)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -105,7 +125,7 @@ class MirroredPredictor(nn.Module):
         for axes in self.flips:
             flipped = torch.flip(x, axes) if axes else x
             with autocast:
-                probs = self.probabilities(flipped)
+                probs = self._probabilities(flipped)
             probs = torch.flip(probs, axes) if axes else probs
             total = probs if total is None else total.add_(probs)
         total /= len(self.flips)
@@ -118,15 +138,16 @@ class TaskPredictor(MirroredPredictor):
     Args:
         model: a ``UniSeg`` in eval mode.
         tasks: one task, or several for the all-tasks mode (the encoder runs once per window and flip).
-        mirror, amp, cpu_fast_path, precision: as ``MirroredPredictor``.
+        mirror, amp, cpu_fast_path, precision, compile: as ``MirroredPredictor``.
         crop_classes: keep the task's first C_t channels of the softmax (the official single-task output, K = C_t);
             off keeps all head channels. The all-tasks mode always returns all head channels of every task
             (K = 4 x tasks), because the official merge takes the argmax over all of them.
     """
 
     def __init__(self, model: nn.Module, tasks: Sequence[Task], mirror: bool | int = True, crop_classes: bool = True,
-                 amp: bool = False, cpu_fast_path: bool = True, precision: str = "auto"):
-        super().__init__(model, mirror=mirror, amp=amp, cpu_fast_path=cpu_fast_path, precision=precision)
+                 amp: bool = False, cpu_fast_path: bool = True, precision: str = "auto", compile: bool | str = False):
+        super().__init__(model, mirror=mirror, amp=amp, cpu_fast_path=cpu_fast_path, precision=precision,
+                         compile=compile)
         self.tasks = tuple(tasks)
         self.crop_classes = parse_bool(crop_classes) and len(self.tasks) == 1
 
