@@ -44,7 +44,7 @@ class LevelsPredictor:
     """The official flips once, averaged per TTA level: (B, C, *patch) -> (B, K x levels, *patch), with the forward
     time of every flip recorded (``times[axes]``)."""
 
-    def __init__(self, model, task, levels, precision: str = "fp32"):
+    def __init__(self, model, task, levels, precision: str = "fp32", device: str = "cpu"):
         import torch
 
         from uniseg_hub.pipeline import TaskPredictor
@@ -54,8 +54,9 @@ class LevelsPredictor:
         self.inner = TaskPredictor(model, [task], mirror=max(self.levels), precision=precision)
         self.flips = mirror_axes(max(self.levels))
         self.members = {level: set(mirror_axes(level)) for level in self.levels}
-        dtype = autocast_dtype(precision, "cpu")
-        self.autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+        dtype = autocast_dtype(precision, device)
+        self.autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.times = {axes: 0.0 for axes in self.flips}
 
     def __call__(self, x):
@@ -68,6 +69,7 @@ class LevelsPredictor:
                 with self.autocast():
                     probs = self.inner.probabilities(torch.flip(x, axes) if axes else x)
                 probs = self.inner.crop(torch.flip(probs, axes) if axes else probs)
+                self.sync()
                 self.times[axes] += time.perf_counter() - start
                 for level in self.levels:
                     if axes in self.members[level]:
@@ -78,23 +80,23 @@ class LevelsPredictor:
         return sum(self.times[axes] for axes in self.members[level])
 
 
-def labels_for(model, image, task, levels, overlap: float, precision: str) -> tuple[dict, dict]:
+def labels_for(model, image, task, levels, overlap: float, precision: str, device: str = "cpu") -> tuple[dict, dict]:
     """{level: (x, y, z) uint8 labels on the input grid}, {level: network seconds} for one sliding-window pass."""
     import torch
     from monai.inferers import SlidingWindowInferer
 
     from uniseg_hub import postprocess
 
-    predictor = LevelsPredictor(model, task, levels, precision)
+    predictor = LevelsPredictor(model, task, levels, precision, device)
     inferer = SlidingWindowInferer(roi_size=model.patch_size, sw_batch_size=1, overlap=overlap, mode="gaussian",
                                    sigma_scale=0.125, padding_mode="constant", cval=0.0)
     with torch.no_grad():
-        probs = inferer(image.as_tensor()[None], predictor)[0]
+        probs = inferer(image.as_tensor()[None].to(device), predictor)[0]
     k = task.num_classes
     out = {}
     for i, level in enumerate(predictor.levels):
         back = postprocess(probs[i * k: (i + 1) * k], image)
-        out[level] = back.as_tensor().argmax(0).to(torch.uint8).numpy()
+        out[level] = back.as_tensor().argmax(0).to(torch.uint8).cpu().numpy()
     return out, {level: predictor.level_seconds(level) for level in predictor.levels}
 
 
@@ -138,14 +140,16 @@ def run(args) -> dict:
 
         _, weights = full_size_checkpoint(Path(args.workdir))
         seeded = True
-    model = load_model(str(weights))
+    device = args.device
+    model = load_model(str(weights), device=device)
     task = get_task(args.task)
     levels = [int(v) for v in args.levels.split(",")]
     overlaps = [float(v) for v in args.overlaps.split(",")]
     precisions = [p for p in args.precisions.split(",") if p]
     result = {"weights": "seeded random weights in the official format (official ones unreachable)" if seeded
               else str(weights), "task": task.name, "labels": task.label_names, "cpu_bf16_flags": bf16_flags(),
-              "native_bf16": native_bf16(), "threads": torch.get_num_threads(), "scans": {}}
+              "native_bf16": native_bf16(), "threads": torch.get_num_threads(), "device": device,
+              "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "scans": {}}
     for name in args.scans.split(","):
         image = preprocess(fetch_sample(name), task.name)
         log(f"{name}: preprocessed {tuple(image.shape)}")
@@ -157,11 +161,11 @@ def run(args) -> dict:
                 log(f"  fp32, overlap {overlap}: the same windows as overlap {overlaps[0]} on this scan")
                 continue
             log(f"  fp32, overlap {overlap}, levels {levels} ...")
-            runs[("fp32", overlap)] = labels_for(model, image, task, levels, overlap, "fp32")
+            runs[("fp32", overlap)] = labels_for(model, image, task, levels, overlap, "fp32", device)
         for precision in precisions:
             plevels = [int(v) for v in args.precision_levels.split(",")]
             log(f"  {precision}, overlap 0.5, levels {plevels} ...")
-            runs[(precision, 0.5)] = labels_for(model, image, task, plevels, 0.5, precision)
+            runs[(precision, 0.5)] = labels_for(model, image, task, plevels, 0.5, precision, device)
         official = runs[("fp32", overlaps[0])][0][max(levels)]
         rows = []
         for (precision, overlap), (maps, seconds) in runs.items():
@@ -185,8 +189,9 @@ def min_dice(comparison: dict) -> float | None:
 
 
 def table(result: dict) -> str:
-    lines = [f"agreement with the official settings (8 flips, overlap 0.5, float32), task {result['task']}; weights: "
-             f"{result['weights']}; CPU bf16 flags: {', '.join(result['cpu_bf16_flags']) or 'none'}"]
+    where = result.get("gpu") or f"CPU (bf16 flags: {', '.join(result['cpu_bf16_flags']) or 'none'})"
+    lines = [f"agreement with 8 flips, overlap 0.5, float32, task {result['task']}, on {where}; weights: "
+             f"{result['weights']}"]
     for name, scan in result["scans"].items():
         labels = result["labels"][1:]
         counts = ", ".join(f"{n} windows at overlap {o}" for o, n in scan["windows"].items())
@@ -218,6 +223,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="bf16", help="non-default precisions to compare (CPU: bf16)")
     p.add_argument("--precision-levels", default="1", help="TTA levels of the precision runs (fp32 has them all)")
     p.add_argument("--weights", default=None, help="real weights (a converted folder); default: seeded random")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the network runs (fp32 there is the "
+                   "reference; on CUDA compare --precisions fp16,bf16)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "uniseg-hub-bench"))
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     return p

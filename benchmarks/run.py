@@ -336,6 +336,20 @@ def bf16_call(model, x):
     return TaskPredictor(model, [get_task("liver")], mirror=False, precision="bf16")(x)
 
 
+def compiled_call(mode: str):
+    """One window through a ``TaskPredictor(compile=mode)`` built once (its first call compiles)."""
+    holder = {}
+
+    def call(model, x):
+        from uniseg_hub.pipeline import TaskPredictor
+        from uniseg_hub.tasks import get_task
+
+        if "predictor" not in holder:
+            holder["predictor"] = TaskPredictor(model, [get_task("liver")], mirror=False, amp=True, compile=mode)
+        return holder["predictor"](x)
+    return call
+
+
 def unoptimised():
     """Process state of the unoptimised path: glibc's default malloc (the network is the plain model itself)."""
     from uniseg_hub.cpu.memory import _glibc_default_malloc
@@ -370,6 +384,10 @@ def forward_section(args, peak: float | None, device: str = "cpu", peers: bool =
              not args.quick)]
     if device == "cuda":
         ours.append(("UniSeg, inference path, fp16 autocast", model, predictor_call, optimised, True, True))
+        ours.append(("UniSeg, inference path, bf16 autocast", model, bf16_call, optimised, False, True))
+        for mode in ("default", "reduce-overhead"):  # issue 17: measured options; warm-up call compiles
+            ours.append((f"UniSeg, fp16 autocast, torch.compile mode={mode}", model, compiled_call(mode), optimised,
+                         True, True))
     else:  # issue 17: the opt-in bfloat16 (fast where the CPU has AMX or AVX512_BF16)
         ours.append((BF16_ROW, model, bf16_call, optimised, False, not args.quick))
     others, skipped = [], []

@@ -222,3 +222,34 @@ def test_compile_option_compiles_the_per_flip_call(value, mode, model, image, mo
 def test_unknown_compile_mode_is_refused(model):
     with pytest.raises(ConfigError, match="compile must be"):
         TaskPredictor(model, [get_task("liver")], compile="turbo")
+
+
+# --- the bundle end to end: the options reach the predictor ------------------------------------------------------
+
+@pytest.mark.slow
+def test_predict_passes_levels_precision_and_fast_to_the_bundle(converted_small, tmp_path, monkeypatch):
+    """``predict`` on a real CT crop: the bundle builds its predictor with the chosen flips and precision."""
+    from uniseg_hub import pipeline
+    from uniseg_hub.app.predict import predict
+
+    from scans import crop, sample
+
+    ct = crop(sample("ct_small"), tmp_path / "abdomen.nii.gz", (slice(20, 60), slice(30, 70), slice(8, 24)))
+    built = []
+
+    class Recording(pipeline.TaskPredictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append((len(self.flips), self.precision, self.compile_mode))
+
+    monkeypatch.setattr(pipeline, "TaskPredictor", Recording)
+    monkeypatch.setattr(predictor, "native_bf16", lambda: True)
+    options = dict(task="liver", weights=str(converted_small), device="cpu", preview=False, progress=False)
+    first = predict(str(ct), out_dir=str(tmp_path / "a"), tta=2, precision="bf16", **options)
+    second = predict(str(ct), out_dir=str(tmp_path / "b"), fast=True, **options)
+    assert built == [(2, "bf16", None), (FAST_PRESET["tta"], "auto", None)]
+    import nibabel as nib
+
+    for result in (first, second):
+        labels = nib.load(result.label_map)
+        assert labels.shape == nib.load(ct).shape
