@@ -193,7 +193,8 @@ def table(result: dict) -> str:
     lines = [f"agreement with 8 flips, overlap 0.5, float32, task {result['task']}, on {where}; weights: "
              f"{result['weights']}"]
     for name, scan in result["scans"].items():
-        labels = result["labels"][1:]
+        names = result["labels"]
+        labels = [names[k] for k in sorted(names, key=int)][1:]  # a dict {label: name} (JSON: string keys)
         counts = ", ".join(f"{n} windows at overlap {o}" for o, n in scan["windows"].items())
         lines.append(f"{name} (network grid {'x'.join(map(str, scan['shape']))}; {counts}):")
         head = f"  {'precision':<9} {'overlap':>7} {'tta':>3} {'net s':>7}  " + "  ".join(
@@ -227,11 +228,15 @@ def parser() -> argparse.ArgumentParser:
                    "reference; on CUDA compare --precisions fp16,bf16)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "uniseg-hub-bench"))
     p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.add_argument("--from-json", default=None, help="print the table of a result written by --json, run nothing")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.from_json:
+        print(table(json.loads(Path(args.from_json).read_text())))
+        return 0
     result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))

@@ -118,6 +118,8 @@ class MirroredPredictor(nn.Module):
         # no_grad: inference only, and it lets a prepared model take its CPU fast path (``uniseg_hub.cpu``)
         total = None
         dtype = autocast_dtype(self.precision, x.device.type, self.amp)
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device (FLOP counting)
+            dtype = None
         autocast = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         weights = next(self.model.parameters(), None)
         if weights is not None and weights.is_floating_point() and weights.dtype != x.dtype and dtype is None:
