@@ -660,6 +660,10 @@ def e2e_cases(args, workdir: Path, converted: Path, ct: Path, sections: set) -> 
         label = "all 8 flips" if tta_flips in (None, 8) else f"{tta_flips} of the 8 flips"
         cases.append({"name": f"1.5 mm CT 233x167x191, liver, TTA ({label})", "flips": tta_flips,
                       "overrides": {**base, "input": str(ct), "tta": True}})
+        from uniseg_hub.config import FAST_PRESET
+
+        cases.append({"name": f"1.5 mm CT 233x167x191, liver, --fast ({label})", "flips": tta_flips,
+                      "overrides": {**base, "input": str(ct), **FAST_PRESET}})  # issue 17: the preset
     if "tasks" in sections and args.full:
         cases.append({"name": "1.5 mm CT, all 8 CT tasks at once, no TTA",
                       "overrides": {**base, "input": str(ct), "task": "all", "tta": False}})

@@ -282,8 +282,9 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
             (over the whole image, as the official predict.py does).
         precision: auto (official: float16 autocast on CUDA, float32 on CPU), fp32, bf16 (opt-in on CPU: fast where
             the CPU has AMX or AVX512_BF16) or fp16 (CUDA only).
-        fast: the fast preset: 1 flip (--tta 1) and overlap 0.25, unless given otherwise; on the sample CT every
-            label's Dice against the official settings stays 0.98 or better (README, performance).
+        fast: the fast preset: overlap 0.25 unless given otherwise, the one choice that kept every label's Dice
+            against the official settings at 0.98 or better on the sample CT (fewer flips and bf16 did not; README,
+            Performance). Fewer windows on large scans; on scans under two patches per axis the same windows.
         json: print the result as JSON.
     """
     from .app.predict import predict as run
