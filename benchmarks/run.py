@@ -39,7 +39,10 @@ What it measures (sections, in this order; ``--sections`` picks some):
 * ``e2e``: the bundle's ``inference.json`` on the real 1.5 mm TotalSegmentator torso CT (233x167x191), liver task,
   without and with test-time augmentation, each in a fresh process: total time and its split (weights, load,
   preprocess, network, TTA/softmax, stitching, merge/argmax, resampling back, writing, other) and peak RSS;
-* ``large``: the same on a 512x512x300 CT made by resampling the real one (no TTA): the peak-memory case.
+* ``large``: the same on a 512x512x300 CT made by resampling the real one (no TTA): the peak-memory case;
+* ``agreement`` (issue 17): TTA levels, overlaps and bf16 against the official settings on the sample CT, Dice per
+  label and voxel agreement (``benchmarks/agreement.py``); ``forward`` also times ``--precision bf16`` on CPU (and
+  fp16, bf16, ``torch.compile`` on CUDA), and ``e2e`` the ``--fast`` preset.
 
 Weights are random (seeded) with the official shapes and format (no official checkpoint can be downloaded here);
 the cost of every step does not depend on the weights' values. Nothing here is run by the test suite.
