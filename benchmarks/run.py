@@ -45,6 +45,9 @@ What it measures (sections, in this order; ``--sections`` picks some):
   ``ThreadDataLoader``, none), then as two ``--shard`` runs side by side (each with half the threads): cases per
   hour, and the time outside the network's forward passes per case (``--cohort-model small`` uses the test
   suite's small network instead of the full-size one); the label maps of every run must be identical.
+* ``agreement`` (issue 17): TTA levels, overlaps and bf16 against the official settings on the sample CT, Dice per
+  label and voxel agreement (``benchmarks/agreement.py``); ``forward`` also times ``--precision bf16`` on CPU (and
+  fp16, bf16, ``torch.compile`` on CUDA), and ``e2e`` the ``--fast`` preset.
 
 Weights are random (seeded) with the official shapes and format (no official checkpoint can be downloaded here);
 the cost of every step does not depend on the weights' values. Nothing here is run by the test suite.
@@ -69,9 +72,11 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the working tree's package; agreement.py
 sys.path.insert(0, str(ROOT / "tests"))  # official_format: writes official-format checkpoints (test support)
 
-SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "resampling", "e2e", "large", "cohort")
+SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "resampling", "e2e", "large", "cohort",
+            "agreement")
 PATCH = (192, 192, 64)
 FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
 
@@ -115,6 +120,10 @@ def machine() -> dict:
         import monai
 
         info["monai"] = monai.__version__
+    from uniseg_hub.cpu import native_bf16
+    from uniseg_hub.cpu.precision import bf16_flags
+
+    info["native_bf16"], info["bf16_flags"] = native_bf16(), bf16_flags()
     return info
 
 
@@ -328,6 +337,28 @@ def predictor_call(model, x):
     return TaskPredictor(model, [get_task("liver")], mirror=False)(x)
 
 
+def bf16_call(model, x):
+    """One window through the inference path with ``precision="bf16"`` (opt-in on CPU: bfloat16 autocast)."""
+    from uniseg_hub.pipeline import TaskPredictor
+    from uniseg_hub.tasks import get_task
+
+    return TaskPredictor(model, [get_task("liver")], mirror=False, precision="bf16")(x)
+
+
+def compiled_call(mode: str):
+    """One window through a ``TaskPredictor(compile=mode)`` built once (its first call compiles)."""
+    holder = {}
+
+    def call(model, x):
+        from uniseg_hub.pipeline import TaskPredictor
+        from uniseg_hub.tasks import get_task
+
+        if "predictor" not in holder:
+            holder["predictor"] = TaskPredictor(model, [get_task("liver")], mirror=False, amp=True, compile=mode)
+        return holder["predictor"](x)
+    return call
+
+
 def unoptimised():
     """Process state of the unoptimised path: glibc's default malloc (the network is the plain model itself)."""
     from uniseg_hub.cpu.memory import _glibc_default_malloc
@@ -340,6 +371,9 @@ def optimised():
     from uniseg_hub.cpu import retain_freed_memory
 
     retain_freed_memory()
+
+
+BF16_ROW = "UniSeg, inference path, --precision bf16 (CPU opt-in)"
 
 
 def forward_section(args, peak: float | None, device: str = "cpu", peers: bool = True) -> tuple[list, list]:
@@ -359,6 +393,12 @@ def forward_section(args, peak: float | None, device: str = "cpu", peers: bool =
              not args.quick)]
     if device == "cuda":
         ours.append(("UniSeg, inference path, fp16 autocast", model, predictor_call, optimised, True, True))
+        ours.append(("UniSeg, inference path, bf16 autocast", model, bf16_call, optimised, False, True))
+        for mode in ("default", "reduce-overhead"):  # issue 17: measured options; warm-up call compiles
+            ours.append((f"UniSeg, fp16 autocast, torch.compile mode={mode}", model, compiled_call(mode), optimised,
+                         True, True))
+    else:  # issue 17: the opt-in bfloat16 (fast where the CPU has AMX or AVX512_BF16)
+        ours.append((BF16_ROW, model, bf16_call, optimised, False, not args.quick))
     others, skipped = [], []
     if peers:
         others.append(("MONAI DynUNet, same stages", dynunet_model().to(device), plain_call, optimised, False,
@@ -629,6 +669,10 @@ def e2e_cases(args, workdir: Path, converted: Path, ct: Path, sections: set) -> 
         label = "all 8 flips" if tta_flips in (None, 8) else f"{tta_flips} of the 8 flips"
         cases.append({"name": f"1.5 mm CT 233x167x191, liver, TTA ({label})", "flips": tta_flips,
                       "overrides": {**base, "input": str(ct), "tta": True}})
+        from uniseg_hub.config import FAST_PRESET
+
+        cases.append({"name": f"1.5 mm CT 233x167x191, liver, --fast ({label})", "flips": tta_flips,
+                      "overrides": {**base, "input": str(ct), **FAST_PRESET}})  # issue 17: the preset
     if "tasks" in sections and args.full:
         cases.append({"name": "1.5 mm CT, all 8 CT tasks at once, no TTA",
                       "overrides": {**base, "input": str(ct), "task": "all", "tta": False}})
@@ -831,6 +875,18 @@ def targets(results: dict) -> list[dict]:
                     "measured": f"{100 * ours['fraction_of_peak']:.0f} % (wall clock)"
                     + (f", {100 * cpu:.0f} % (per CPU-second)" if cpu else ""),
                     "met": ours["fraction_of_peak"] >= 0.8})
+    official = forward.get("UniSeg, unoptimised (plain eager path, default malloc)")
+    if ours and official:  # issue 17: per patch against the official class's plain forward, same run
+        out.append({"target": "CPU float32 per patch >= 1.5x the official class's forward",
+                    "measured": f"{official['best_s'] / ours['best_s']:.2f}x ({official['best_s']:.1f} s -> "
+                                f"{ours['best_s']:.1f} s)", "met": official["best_s"] / ours["best_s"] >= 1.5})
+    bf16 = forward.get(BF16_ROW)
+    if bf16 and official:
+        flags = results["machine"].get("bf16_flags") or []
+        cpu = f"native bf16 ({'/'.join(flags)})" if flags else "no native bf16"
+        out.append({"target": "CPU bf16 per patch >= 2.5x the official class in float32 (native bf16 CPUs)",
+                    "measured": f"{official['best_s'] / bf16['best_s']:.2f}x ({bf16['best_s']:.1f} s; this CPU: {cpu})",
+                    "met": official["best_s"] / bf16["best_s"] >= 2.5})
     e2e = [r for r in results.get("e2e", []) if "1.5 mm" in r["name"] and "unoptimised" not in r["name"]]
     if e2e:
         worst = max(r["non_network_fraction"] for r in e2e)
@@ -972,6 +1028,11 @@ def main(argv=None) -> int:
             total = sum(r["total_s"] for r in one_by_one)
             results["tasks"]["e2e"] = {"all_s": all_run["total_s"], "one_by_one_s": total,
                                        "speedup": total / all_run["total_s"], "runs": one_by_one}
+    if "agreement" in sections:  # issue 17: TTA levels, overlaps, bf16 against the official settings
+        log("agreement of the speed options with the official settings, sample CT ...")
+        import agreement
+
+        results["agreement"] = agreement.run(agreement.parser().parse_args(["--workdir", str(workdir)]))
     if "peak" in sections:
         results["peak"]["end"] = matmul_peak(device)
         results["peak"]["gflops"] = max(results["peak"]["start"]["gflops_best"],
@@ -990,6 +1051,11 @@ def main(argv=None) -> int:
 
     text = table(results)
     print(text)
+    if "agreement" in results:
+        import agreement
+
+        print()
+        print(agreement.table(results["agreement"]))
     print()
     for t in results["targets"]:
         print(f"{'MET  ' if t['met'] else 'UNMET'}  {t['target']}: {t['measured']}")

@@ -32,9 +32,10 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from . import hub, networks
-from .config import UniSegConfig
+from .config import UniSegConfig, parse_precision
 from .errors import (
     ChecksumError,
+    ConfigError,
     IncompatibleCheckpointError,
     UnisegHubError,
     UnknownModelError,
@@ -154,7 +155,8 @@ def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretra
                revision: str | None = None, cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
                force_download: bool = False, token: str | bool | None = None,
                weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               deep_supervision: bool = True, manifest=None, network: type[nn.Module] | None = None) -> nn.Module:
+               deep_supervision: bool = True, manifest=None, network: type[nn.Module] | None = None,
+               dtype: str | torch.dtype | None = None) -> nn.Module:
     """The network ``src`` describes in eval mode, or the downstream backbone for ``num_classes`` classes.
 
     Args:
@@ -175,12 +177,23 @@ def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretra
         network: the class to build: ``UniSeg`` / ``UniSegBackbone`` of this module (the default) or a subclass of
             the plain network (``from_pretrained`` passes its own class). A checkpoint that gives the other
             architecture raises ``IncompatibleCheckpointError``.
+        dtype: the parameters' dtype: ``None`` / ``fp32`` / ``torch.float32`` (the default, the official weights'
+            dtype), ``bf16`` / ``torch.bfloat16`` or ``fp16`` / ``torch.float16`` (weights cast once; a predictor
+            feeds such a model input of its dtype). For mixed precision keep float32 weights and use a predictor's
+            ``precision`` (autocast), as the official inference does on CUDA.
 
     The model is a ``UniSeg`` or ``UniSegBackbone`` with ``from_pretrained``, ``save_pretrained`` and
     ``push_to_hub``. It has ``config`` (its ``UniSegConfig``), ``load_report`` (tensors loaded, adapted, skipped,
     initialised) and ``pretrained_cfg`` (the manifest entry or the folder's config.json: architecture,
     preprocessing, license, source).
     """
+    weights_dtype = _weights_dtype(dtype)
+    if weights_dtype is not None:
+        model = load_model(src, num_classes=num_classes, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
+                           local_files_only=local_files_only, force_download=force_download, token=token,
+                           weights_path=weights_path, device=device, deep_supervision=deep_supervision,
+                           manifest=manifest, network=network)
+        return model.to(weights_dtype)
     config, info, state, label = resolve(src, pretrained=pretrained, revision=revision, cache_dir=cache_dir,
                                          local_files_only=local_files_only, force_download=force_download,
                                          token=token, weights_path=weights_path, manifest=manifest)
@@ -200,6 +213,25 @@ def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretra
     model, report = to_backbone(state, config, num_classes, deep_supervision=deep_supervision, source=label,
                                 backbone=network)
     return _finish(model, report, backbone_info, device)
+
+
+def _weights_dtype(dtype) -> torch.dtype | None:
+    """``load_model``'s ``dtype`` as a torch dtype, None for float32 (nothing to cast); a ``ConfigError`` else."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        if dtype not in names:
+            raise ConfigError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        dtype = names[dtype]
+    try:
+        precision = parse_precision(dtype)
+    except ConfigError:
+        precision = None
+    if precision in (None, "auto"):
+        raise ConfigError(f"dtype must be fp32, bf16 or fp16 (or the torch dtype), got {dtype!r}; for mixed "
+                          "precision keep float32 weights and give the predictor a precision")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def load_encoder(src: str | os.PathLike, *, in_channels: int = 1, pretrained: bool = True,

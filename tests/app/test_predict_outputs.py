@@ -166,7 +166,7 @@ def test_options_are_checked_once_and_name_the_option(option, value, tmp_path):
 def test_options_from_a_command_line_are_parsed():
     options = PredictOptions(tta="false", overlap="0.25", sw_batch_size="2", device="cpu", modality="mr", task=3)
     assert (options.tta, options.overlap, options.sw_batch_size, options.device, options.modality, options.task) == \
-        (False, 0.25, 2, "cpu", "MR", "3")
+        (1, 0.25, 2, "cpu", "MR", "3")  # tta: the number of flips (issue 17); false is 1
     overrides = predict_module.bundle_overrides(options, ["a.nii.gz"])
     assert overrides["device"] == "$torch.device('cpu')" and overrides["keep_source"] is True
     assert overrides["input"] == "a.nii.gz" and predict_module.bundle_overrides(options, ["a", "b"])["input"] == \

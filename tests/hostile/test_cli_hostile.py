@@ -106,7 +106,11 @@ def predict(scan, out, model, *extra, env, patch=None):
 USAGE = {
     "no command": ([], "no command given"),
     "unknown command": (["frobnicate"], "unknown command 'frobnicate'"),
-    "switch given a word": (["predict", "ct.nii.gz", "--tta=maybe"], "--tta is a switch"),
+    "switch given a word": (["predict", "ct.nii.gz", "--preview=maybe"], "--preview is a switch"),
+    "tta given a word": (["predict", "ct.nii.gz", "--tta=maybe"], "tta must be 8, 4, 2 or 1 test-time flips"),
+    "tta level unknown": (["predict", "ct.nii.gz", "--tta=3"], "tta must be 8, 4, 2 or 1 test-time flips"),
+    "tta level twice": (["predict", "ct.nii.gz", "--tta", "4", "--notta"], "--tta is given more than once"),
+    "unknown precision": (["predict", "ct.nii.gz", "--precision", "fp8"], "precision must be one of auto, fp32"),
     "switch given twice": (["predict", "ct.nii.gz", "--tta", "--notta"], "--tta is given more than once"),
     "option given twice": (["predict", "ct.nii.gz", "--model", "a", "--model=b"], "--model is given more than once"),
     "overlap not a number": (["predict", "ct.nii.gz", "--overlap", "abc"], "--overlap takes a number, got 'abc'"),

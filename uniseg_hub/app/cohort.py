@@ -35,6 +35,7 @@ from ..files import write_text_atomic
 from .outputs import check_names, check_space, claim_outputs, lock_path
 from .predict import (
     _check_device,
+    _check_precision,
     _check_writable,
     _output_bytes,
     _typed,
@@ -211,11 +212,11 @@ class CaseIteration:
     (the claim does) and becomes the case's row; ``fail_fast`` ends the run after it.
     """
 
-    def __init__(self, options: PredictOptions, layout, probabilities_layout, names, postfix: str, model, task,
+    def __init__(self, options: PredictOptions, layout, probabilities_layout, names, postfix: str, task,
                  rank: int = 0, fail_fast: bool = False, on_case: Callable | None = None, total: int = 0):
         self.options, self.layout, self.probabilities_layout = options, layout, probabilities_layout
         self.names, self.postfix, self.rank = names, postfix, rank
-        self.model, self.task = model, task  # the preview's title and window
+        self.task = task  # the first of the run's tasks: the preview's window
         self.fail_fast, self.on_case, self.total = fail_fast, on_case, total
         self.results: list[CaseResult] = []
         self._forward_done: float | None = None
@@ -251,8 +252,9 @@ class CaseIteration:
                 output = engine._iteration(engine, batch)
                 item = engine.state.batch[0] if isinstance(engine.state.batch, list) else engine.state.batch
                 out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
+                model = getattr(engine.network, "model", engine.network)  # the predictor's network: its version
                 written = write_companions(case_outputs({**item, **out}), self.options, self.layout, self.names,
-                                           self.postfix, self.model, self.task, subject)
+                                           self.postfix, model, self.task, subject)
                 result.label_map = written.label_map
         except Exception as e:  # this case's failure: recorded, the others go on
             result.status, result.error = "failed", describe_error(e)
@@ -288,6 +290,8 @@ def predict_cohort(
     normalization_mask: str = "training",
     window: str = "nnunet",
     format: str = "nifti",
+    precision: str = "auto",
+    fast: bool = False,
     fail_fast: bool = False,
     shard: str | None = None,
     loader: str = "workers",
@@ -307,13 +311,15 @@ def predict_cohort(
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=False,
                              modality=modality, sw_batch_size=sw_batch_size, resampling=resampling, nan=nan,
-                             normalization_mask=normalization_mask, window=window, format=format)
+                             normalization_mask=normalization_mask, window=window, format=format,
+                             precision=precision, fast=fast)
     if loader not in LOADERS:
         raise InputError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     part = parse_shard(shard)
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     everything = discover_cases(inputs)
     _check_device(options.device)
+    _check_precision(options)
     _check_writable(options.out_dir)
     start = time.perf_counter()
     ranks = _Ranks()
@@ -381,9 +387,8 @@ def _run(cases: list[dict], options: PredictOptions, ranks: _Ranks, fail_fast: b
             on_case(row, len(cases))
     if not pending:
         return rows
-    iteration = CaseIteration(options, layout, probabilities_layout, names, postfix, parsed("network"),
-                              parsed("tasks")[0], rank=ranks.rank, fail_fast=fail_fast, on_case=on_case,
-                              total=len(cases))
+    iteration = CaseIteration(options, layout, probabilities_layout, names, postfix, parsed("tasks")[0],
+                              rank=ranks.rank, fail_fast=fail_fast, on_case=on_case, total=len(cases))
     workflow.parser["datalist"] = pending
     workflow.parser["dataset#transform"] = ("$uniseg_hub.pipeline.cases.GuardedTransform(@preprocessing, "
                                             "uniseg_hub.app.cohort.describe_error)")

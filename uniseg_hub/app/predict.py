@@ -99,7 +99,7 @@ def predict(
     out_dir: str = "uniseg-output",
     weights: str = DEFAULT_MODEL,
     device: str | None = None,
-    tta: bool = True,
+    tta: int | bool = 8,
     overlap: float = 0.5,
     probabilities: bool = False,
     preview: bool = True,
@@ -112,6 +112,8 @@ def predict(
     normalization_mask: str = "training",
     window: str = "nnunet",
     format: str = "nifti",
+    precision: str = "auto",
+    fast: bool = False,
 ) -> Prediction:
     """Segment one scan (one file, or one file per channel, or a DICOM series folder) for a task or ``"all"``.
 
@@ -126,11 +128,16 @@ def predict(
     written. Beside the label map go its colour tables (``_colors.ctbl``, ``_itksnap_labels.txt``) and, with
     ``format``, a ``.seg.nrrd`` or a DICOM SEG (``_seg.dcm``, DICOM series input only), written by the bundle
     (``pipeline.label_files``).
+
+    Speed (issue 17): ``tta`` is the number of test-time flips, 8 (official), 4, 2 or 1 (``True``/``False`` = 8/1);
+    ``precision`` is ``auto`` (official: float16 autocast on CUDA, float32 on CPU), ``fp32``, ``bf16`` or ``fp16``;
+    ``fast`` takes ``config.FAST_PRESET`` for ``tta`` and ``overlap`` left at their defaults.
     """
     options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
                              probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
                              modality=modality, sw_batch_size=sw_batch_size, resampling=resampling, nan=nan,
-                             normalization_mask=normalization_mask, window=window, format=format)
+                             normalization_mask=normalization_mask, window=window, format=format,
+                             precision=precision, fast=fast)
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     if not inputs:
         raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
@@ -142,6 +149,7 @@ def predict(
 
         check_format_inputs(options.format, inputs)
     _check_device(options.device)
+    _check_precision(options)
     _check_writable(options.out_dir)
     start = time.perf_counter()
     workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
@@ -222,6 +230,7 @@ def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
                  "resampling": options.resampling, "nan": options.nan,
                  "normalization_mask": options.normalization_mask, "window": options.window}
     overrides["format"] = options.format
+    overrides["precision"] = options.precision  # speed options (issue 17); options.tta is a level, --fast applied
     if options.device is not None:
         overrides["device"] = f"$torch.device({options.device!r})"
     return overrides
@@ -251,6 +260,19 @@ def _check_device(device: str | None) -> None:
         have = f"{count} CUDA device(s)" if count else f"no CUDA device (torch {torch.__version__})"
         raise InputError(f"--device {device}: PyTorch sees {have}; use --device cpu, or leave --device out to use "
                          "a GPU when there is one")
+
+
+def _check_precision(options: PredictOptions) -> None:
+    """Speed options (issue 17): a precision the device cannot run is an error now (``fp16`` on CPU), and bf16 on a
+    CPU without native bfloat16 a warning, before the model loads (``pipeline.predictor.autocast_dtype``)."""
+    if options.precision in ("auto", "fp32"):
+        return
+    import torch
+
+    from ..pipeline.predictor import autocast_dtype
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast_dtype(options.precision, torch.device(device).type)
 
 
 def _check_writable(folder: str) -> None:

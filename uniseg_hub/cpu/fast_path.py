@@ -41,13 +41,14 @@ CHANNELS_LAST_MIN_VOXELS = 1 << 16
 
 
 def active(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` may take the fast path: float32 CPU inference, not traced, compiled or exported.
+    """Whether a call on ``x`` may take the fast path: float32 CPU inference without autocast, not traced, compiled
+    or exported.
 
     A pure function of ``x`` and torch's own state (gradient mode is per thread), so each thread decides for itself.
     """
     if (not isinstance(x, torch.Tensor) or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32):
-        return False
+            or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        return False  # autocast (bf16 on CPU) runs the plain model: its kernels are float32 ones
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
                 or torch.onnx.is_in_onnx_export())

@@ -7,25 +7,69 @@ axes, 8 flips, softmax averaged); ``TaskPredictor`` (the universal model, infere
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..config import parse_bool
-from ..cpu import prepare_for_inference
+from ..config import parse_bool, parse_precision, parse_tta
+from ..cpu import native_bf16, prepare_for_inference
+from ..errors import ConfigError
 from ..tasks import HEAD_CHANNELS, Task
 
+logger = logging.getLogger(__name__)
+
 SPATIAL_AXES = (2, 3, 4)
+MIRRORED_AXES = {8: SPATIAL_AXES, 4: (2, 3), 2: (2,), 1: ()}
+"""The axes of a (B, C, x, y, z) tensor each TTA level mirrors (``config.TTA_LEVELS``): all three, the in-plane x
+and y (z is the slice axis of most scans), x alone, none."""
 
 
-def mirror_axes(mirror: bool) -> list[tuple[int, ...]]:
-    """The flips of the official inference: all 8 subsets of the spatial axes of a (B, C, x, y, z) tensor when
-    ``mirror``, else only the identity."""
-    if not parse_bool(mirror, "mirror"):
-        return [()]
-    return [axes for n in range(len(SPATIAL_AXES) + 1) for axes in itertools.combinations(SPATIAL_AXES, n)]
+def mirror_axes(mirror: bool | int = 8) -> list[tuple[int, ...]]:
+    """The flips of a TTA level (``config.parse_tta``): every subset of ``MIRRORED_AXES[level]``; the official
+    inference's 8 subsets of the spatial axes for ``True`` or 8, only the identity for ``False`` or 1. Every level's
+    flips are a subset of the 8, and the identity comes first."""
+    axes = MIRRORED_AXES[parse_tta(mirror, "mirror")]
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device_type: str, amp: bool = False) -> torch.dtype | None:
+    """The autocast dtype for a precision (``config.PRECISIONS``) on a device type, or None for float32.
+
+    ``auto`` is the official inference: float16 on CUDA when ``amp``, float32 otherwise. ``fp16`` on CPU is a
+    ``ConfigError`` (slow, and not the official CPU behaviour); ``bf16`` on a CPU without native bfloat16 logs one
+    warning (it runs, emulated, usually slower than float32).
+    """
+    precision = parse_precision(precision)
+    if precision == "auto":
+        precision = "fp16" if amp and device_type == "cuda" else "fp32"
+    if precision == "fp32":
+        return None
+    if device_type == "cpu" and precision == "fp16":
+        raise ConfigError("precision fp16 runs on CUDA only; on CPU use fp32 (the default) or bf16")
+    if device_type == "cpu" and precision == "bf16" and not native_bf16():
+        logger.warning("precision bf16: this CPU has no native bfloat16 (AMX or AVX512_BF16), so it is emulated and "
+                       "likely slower than fp32; leave --precision out for float32")
+    return _DTYPES[precision]
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: bool | str) -> str | None:
+    """``MirroredPredictor``'s ``compile``: None (off), or a ``torch.compile`` mode (``True`` is ``default``)."""
+    if isinstance(value, str) and value.strip().lower() in COMPILE_MODES:
+        return value.strip().lower()
+    try:
+        return "default" if parse_bool(value, "compile") else None
+    except ConfigError:
+        raise ConfigError(f"compile must be true/false or one of {', '.join(COMPILE_MODES)}, got {value!r}") from None
 
 
 class MirroredPredictor(nn.Module):
@@ -33,9 +77,16 @@ class MirroredPredictor(nn.Module):
 
     Args:
         model: the network in eval mode.
-        mirror: 8-flip mirror test-time augmentation (flip every subset of the three axes, average the softmax),
-            on by default as in the official inference (nnU-Net v1 ``_internal_maybe_mirror_and_pred_3D``).
-        amp: autocast to float16 on CUDA (the official default there).
+        mirror: mirror test-time augmentation: 8 flips (every subset of the three axes, softmax averaged) by default
+            as in the official inference (nnU-Net v1 ``_internal_maybe_mirror_and_pred_3D``); 4, 2 or 1 flips
+            (``mirror_axes``), or a switch (true = 8, false = 1).
+        amp: autocast to float16 on CUDA (the official default there) when ``precision`` is ``auto``.
+        precision: ``config.PRECISIONS``: ``auto`` (the official: ``amp`` on CUDA, float32 on CPU), ``fp32``,
+            ``bf16`` or ``fp16`` autocast (``autocast_dtype``). A model whose weights are in another dtype
+            (``load_model(dtype=...)``) gets its input in that dtype.
+        compile: ``torch.compile`` the per-flip network call (off by default): ``True`` or a mode, e.g.
+            ``reduce-overhead`` (CUDA graphs on CUDA) or ``max-autotune``; the CPU fast path steps aside while
+            compiled code runs. Measured in ``benchmarks/gpu.sh``; compiling takes minutes on a small CPU.
         cpu_fast_path: run the model through ``uniseg_hub.cpu.prepare_for_inference`` (on by default): same results
             within float32 tolerance, faster on CPU; it shares the model's parameters and leaves other devices and
             dtypes to the plain model. ``self.model`` is what runs: the prepared wrapper, or ``model`` when off.
@@ -43,11 +94,17 @@ class MirroredPredictor(nn.Module):
     Subclasses implement ``probabilities(x)``: the softmax of one (already flipped) input.
     """
 
-    def __init__(self, model: nn.Module, mirror: bool = True, amp: bool = False, cpu_fast_path: bool = True):
+    def __init__(self, model: nn.Module, mirror: bool | int = True, amp: bool = False, cpu_fast_path: bool = True,
+                 precision: str = "auto", compile: bool | str = False):
         super().__init__()
         self.model = prepare_for_inference(model) if parse_bool(cpu_fast_path, "cpu_fast_path") else model
         self.flips = mirror_axes(mirror)
         self.amp = parse_bool(amp)
+        self.precision = parse_precision(precision)
+        self.compile_mode = compile_mode(compile)
+        self._probabilities = self.probabilities
+        if self.compile_mode is not None:
+            self._probabilities = torch.compile(self.probabilities, mode=self.compile_mode)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -60,11 +117,17 @@ class MirroredPredictor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # no_grad: inference only, and it lets a prepared model take its CPU fast path (``uniseg_hub.cpu``)
         total = None
-        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.amp and x.is_cuda)
+        dtype = autocast_dtype(self.precision, x.device.type, self.amp)
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device (FLOP counting)
+            dtype = None
+        autocast = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        weights = next(self.model.parameters(), None)
+        if weights is not None and weights.is_floating_point() and weights.dtype != x.dtype and dtype is None:
+            x = x.to(weights.dtype)  # a model loaded in another dtype (load_model(dtype=...))
         for axes in self.flips:
             flipped = torch.flip(x, axes) if axes else x
             with autocast:
-                probs = self.probabilities(flipped)
+                probs = self._probabilities(flipped)
             probs = torch.flip(probs, axes) if axes else probs
             total = probs if total is None else total.add_(probs)
         total /= len(self.flips)
@@ -77,15 +140,16 @@ class TaskPredictor(MirroredPredictor):
     Args:
         model: a ``UniSeg`` in eval mode.
         tasks: one task, or several for the all-tasks mode (the encoder runs once per window and flip).
-        mirror, amp, cpu_fast_path: as ``MirroredPredictor``.
+        mirror, amp, cpu_fast_path, precision, compile: as ``MirroredPredictor``.
         crop_classes: keep the task's first C_t channels of the softmax (the official single-task output, K = C_t);
             off keeps all head channels. The all-tasks mode always returns all head channels of every task
             (K = 4 x tasks), because the official merge takes the argmax over all of them.
     """
 
-    def __init__(self, model: nn.Module, tasks: Sequence[Task], mirror: bool = True, crop_classes: bool = True,
-                 amp: bool = False, cpu_fast_path: bool = True):
-        super().__init__(model, mirror=mirror, amp=amp, cpu_fast_path=cpu_fast_path)
+    def __init__(self, model: nn.Module, tasks: Sequence[Task], mirror: bool | int = True, crop_classes: bool = True,
+                 amp: bool = False, cpu_fast_path: bool = True, precision: str = "auto", compile: bool | str = False):
+        super().__init__(model, mirror=mirror, amp=amp, cpu_fast_path=cpu_fast_path, precision=precision,
+                         compile=compile)
         self.tasks = tuple(tasks)
         self.crop_classes = parse_bool(crop_classes) and len(self.tasks) == 1
 

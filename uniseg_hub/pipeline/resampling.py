@@ -220,9 +220,9 @@ def interpolation_matrix(scale: float, offset: float, out_size: int, in_size: in
 
 def resample_separable(data: torch.Tensor, matrices) -> torch.Tensor:
     """Apply one (out, in) matrix per spatial axis to (C, X, Y, Z) data: up to three float32 matrix products (an
-    axis whose matrix is None is left as it is)."""
+    axis whose matrix is None is left as it is), on ``data``'s device (a CUDA prediction is resampled there)."""
     channels, x, y, z = data.shape
-    wx, wy, wz = (None if m is None else m.to(torch.float32) for m in matrices)
+    wx, wy, wz = (None if m is None else m.to(device=data.device, dtype=torch.float32) for m in matrices)
     out = data
     if wx is not None:
         out = torch.matmul(wx, out.reshape(channels, x, y * z)).reshape(channels, -1, y, z)  # (C, X', Y, Z)

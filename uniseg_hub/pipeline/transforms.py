@@ -220,7 +220,7 @@ class ArgMaxd(MapTransform):
     PyTorch's CPU ``argmax`` over the outermost dimension walks the volume with a stride of one channel (23 s for a
     3-channel 512x512x300 map on two cores); this compares the channels elementwise instead (under a second). Same
     output: a (1, *S) float map of the first maximal channel's index, metadata kept. NaN never wins here, unlike
-    ``argmax``; probabilities have none.
+    ``argmax``; probabilities have none. On a GPU (issue 17) the prediction stays there and ``argmax`` runs.
     """
 
     SLAB_VOXELS = 1 << 18
@@ -230,6 +230,9 @@ class ArgMaxd(MapTransform):
         for key in self.key_iterator(d):
             # the plain tensor: a MetaTensor would copy its metadata in each of the many small ops below
             probs = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            if probs.device.type != "cpu":  # a GPU reduces over channels fast: its own argmax (first maximum)
+                d[key] = _like(d[key], probs.argmax(0, keepdim=True).to(torch.float32))
+                continue
             index = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
             step = max(1, self.SLAB_VOXELS // max(1, probs[0, 0].numel()))
             labels = [torch.tensor(float(c), device=probs.device) for c in range(probs.shape[0])]
