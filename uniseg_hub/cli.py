@@ -446,6 +446,7 @@ def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bo
         _note(_download_line(item))
     setup = prepare_demo(weights, task, tta=tta, device=device)
     _note(_estimate_line(setup))
+    logging.getLogger("uniseg_hub.pipeline.sliding_window").setLevel(logging.WARNING)  # the estimate is out already
     result = run_demo(setup, out, tta=tta, device=device)
     emit(result.as_dict(), json, "\n".join([*(_describe(r) for r in result.predictions),
                                             _agreement_table(result.agreement)]))
@@ -692,10 +693,14 @@ def guard_args(command: str, args: list[str]) -> list[str]:
 
 class _WarningLines(logging.Handler):
     """The library logs what a person should know (missing cases, an adapted stem, an unpinned file); the command
-    line shows each warning as one ``warning: ...`` line on stderr (looked up when written, so redirection works)."""
+    line shows each warning as one ``warning: ...`` line on stderr (looked up when written, so redirection works),
+    and each record marked ``extra={"note": True}`` (the run's expected duration) as one ``note: ...`` line."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
+        if record.levelno >= logging.WARNING:
+            print(f"warning: {' '.join(record.getMessage().split())}", file=sys.stderr)
+        elif getattr(record, "note", False):
+            print(f"note: {' '.join(record.getMessage().split())}", file=sys.stderr)
 
 
 def _interrupt(signum, frame) -> None:
@@ -746,9 +751,10 @@ def main(argv: list[str] | None = None) -> None:
         argv = ([command] if command in COMMANDS else []) + ["--", "--help"]
     elif command in COMMANDS:
         argv = [command, *guard_args(command, argv[1:])]
-    warnings_handler = _WarningLines(logging.WARNING)
+    warnings_handler = _WarningLines(logging.INFO)
     package_logger = logging.getLogger("uniseg_hub")
     package_logger.addHandler(warnings_handler)
+    logging.getLogger("uniseg_hub.pipeline.sliding_window").setLevel(logging.INFO)  # its duration note
     stdout = sys.stdout
     _STDOUT.append(stdout)
     signals = (signal.SIGINT, signal.SIGTERM)

@@ -222,3 +222,46 @@ def test_wrong_inputs_are_typed_errors():
         window_starts((8, 8), (8, 8, 8))
     with pytest.raises(ConfigError, match="importance map"):
         WeightedMerger((1, 1, 8, 8, 8))
+
+
+def test_a_long_sliding_window_announces_its_duration_after_the_first_window(monkeypatch, caplog):
+    """The expected time is the first window's (measured) times the count, logged as one note above a minute."""
+    import logging
+
+    from uniseg_hub.pipeline import sliding_window
+
+    clock = iter(range(0, 1000, 10))  # every reading of the clock is 10 s later: the first window takes 10 s
+    monkeypatch.setattr(sliding_window, "perf_counter", lambda: float(next(clock)))
+    inferer = NnUNetSlidingWindowInferer((8, 8, 8), overlap=0.5)
+    image = torch.zeros(1, 1, 32, 8, 8)  # 7 windows along the first axis
+    with caplog.at_level(logging.INFO, logger="uniseg_hub.pipeline.sliding_window"):
+        inferer(image, lambda x: x)
+    notes = [r for r in caplog.records if getattr(r, "note", False)]
+    assert len(notes) == 1 and "about 1 min (7 windows x 10.0 s" in notes[0].getMessage()
+    assert sliding_window.announce_duration(10.0, 6) == 60.0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="uniseg_hub.pipeline.sliding_window"):
+        sliding_window.announce_duration(10.0, 6)  # a minute or less: nothing to announce
+        sliding_window.announce_duration(1.0, 2000)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the sliding window will take about 33 min (2000 windows x 1.0 s, measured on the first)"]
+
+
+def test_the_command_line_shows_the_duration_as_one_note_line(capsys):
+    import logging
+
+    from uniseg_hub import cli
+    from uniseg_hub.pipeline import sliding_window
+
+    handler = cli._WarningLines(logging.INFO)
+    sliding_window.logger.addHandler(handler)
+    sliding_window.logger.setLevel(logging.INFO)
+    try:
+        sliding_window.announce_duration(30.0, 12)
+        logging.getLogger("uniseg_hub.pipeline.sliding_window").info("not a note")
+    finally:
+        sliding_window.logger.removeHandler(handler)
+        sliding_window.logger.setLevel(logging.NOTSET)
+    out, err = capsys.readouterr()
+    assert out == "" and err == "note: the sliding window will take about 6 min (12 windows x 30.0 s, measured on " \
+                                "the first)\n"

@@ -16,8 +16,10 @@ Gaussian is centred at ``(patch - 1) / 2``, not truncated, and clamped to at lea
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -33,6 +35,11 @@ from ..config import parse_bool
 from ..errors import ConfigError, InputShapeError
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+logger = logging.getLogger(__name__)
+
+ANNOUNCE_SECONDS = 60.0
+"""A sliding window expected to take longer than this announces its duration (one ``note`` record) after the first
+window, whose time it multiplies by the number of windows."""
 
 SIGMA_SCALE = 1.0 / 8
 """nnU-Net v1's Gaussian: sigma is 1/8 of the patch along each axis."""
@@ -121,11 +128,26 @@ class NnUNetSplitter(Splitter):
             raise InputShapeError(f"the image {spatial} is smaller than the patch {self.patch_size}; pad it to the "
                                   f"patch first (NnUNetSlidingWindowInferer does)")
         locations = self.locations(spatial)
+        count = len(locations)
         if self.progress and has_tqdm:
-            locations = tqdm(locations, desc=f"sliding window ({len(locations)} windows)", unit="window")
-        for location in locations:
+            locations = tqdm(locations, desc=f"sliding window ({count} windows)", unit="window")
+        start = None
+        for index, location in enumerate(locations):
+            if index == 1:  # the network has run on the first window (PatchInferer asks for the next one after it)
+                announce_duration(perf_counter() - start, count)
             window = (slice(None), slice(None)) + tuple(slice(s, s + p) for s, p in zip(location, self.patch_size))
+            start = start if start is not None else perf_counter()
             yield inputs[window], location
+
+
+def announce_duration(first_window: float, count: int) -> float:
+    """The expected seconds of ``count`` windows when the first took ``first_window`` (one-off costs included, so
+    rather more than less); logged as one ``note`` record when above ``ANNOUNCE_SECONDS``."""
+    expected = first_window * count
+    if expected > ANNOUNCE_SECONDS:
+        logger.info("the sliding window will take about %.0f min (%d windows x %.1f s, measured on the first)",
+                    max(1.0, expected / 60), count, first_window, extra={"note": True})
+    return expected
 
 
 class WeightedMerger(Merger):
