@@ -221,7 +221,8 @@ def test_a_cohort_that_succeeds_exits_0_and_json_is_the_report(cohort, converted
     assert report["ok"] and [c["case"] for c in report["cases"]] == ["case0", "case1"]
     assert report["report_csv"] == str(out / "predict_report.csv")
     assert sorted(os.listdir(out)) == sorted(["predict_report.csv", "predict_report.json"] + [
-        f"case{i}_liver{s}" for i in (0, 1) for s in (".nii.gz", "_volumes.json", "_volumes.csv")])
+        f"case{i}_liver{s}" for i in (0, 1) for s in (".nii.gz", "_volumes.json", "_volumes.csv",
+                                                     "_colors.ctbl", "_itksnap_labels.txt")])
 
 
 @pytest.mark.slow
