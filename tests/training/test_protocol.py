@@ -127,7 +127,7 @@ def test_by_default_nothing_is_selected_and_the_final_checkpoint_is_evaluated_wi
     get = wf.parser.get_parsed_content
     test_cases = {c["image"] for c in load_datalist(btcv_small / "datalist.json", "validation")}
     assert get("validation_fraction") == 0 and get("select_best") is False
-    assert get("weights").endswith("/last") and get("tta") is True and get("dice_empty") == "exclude"
+    assert get("weights").endswith("/last") and get("tta") == 8 and get("dice_empty") == "exclude"
     assert get("eval_split") == "validation" and {c["image"] for c in get("evaluation#data")} == test_cases
     assert get("validate#data") == [] and len(get("train#data")) == 2
     # the official window and resampling score the test cases, as inference.json runs them
@@ -199,19 +199,20 @@ def test_a_run_reports_the_final_checkpoint_with_mirroring_and_selects_on_carved
     assert "carved from the training cases" in best["selected_by"] and "val_mean_dice" in best["selection_metric"]
 
     reports = {}
-    for tta in (True, False):
+    for tta in (True, False, 4):  # a switch, as before, or a level of predict's --tta 8|4|2|1
         out = tmp_path / f"eval_tta_{tta}"
         workflow(tmp_path, btcv_small, converted_small, run_id="evaluate", output_dir=str(out), tta=tta,
                  **settings).run()
         reports[tta] = json.loads((out / "summary.json").read_text())
         report = json.loads((out / "report.json").read_text())  # the one report, as `uniseg-hub evaluate` writes
         assert report["mean"]["dice"] == pytest.approx(reports[tta]["mean"], abs=1e-5)
-        assert report["settings"]["mirror_flips"] == (8 if tta else 1) and "esophagus" in report["labels"]
+        assert report["settings"]["mirror_flips"] == {True: 8, False: 1, 4: 4}[tta] and "esophagus" in report["labels"]
         assert (out / "report_boxplot.png").is_file() and (out / "report.csv").is_file()
     evaluated = reports[True]["evaluated_with"]
     assert evaluated["weights"] == str(ckpt / "last") and evaluated["final"] is True
     assert evaluated["tta"] is True and evaluated["mirror_flips"] == 8 and evaluated["dice_empty"] == "exclude"
-    assert reports[False]["evaluated_with"]["mirror_flips"] == 1
+    assert reports[False]["evaluated_with"]["mirror_flips"] == 1 and reports[False]["evaluated_with"]["tta"] is False
+    assert reports[4]["evaluated_with"]["mirror_flips"] == 4 and reports[4]["evaluated_with"]["tta"] is True
     assert reports[True]["cases"] == 1
     # esophagus is absent from the reference: left out (None) unless predicted (then 0), never counted as 1
     assert reports[True]["per_class"]["esophagus"] in (None, 0.0)
