@@ -131,12 +131,11 @@ class NnUNetSplitter(Splitter):
         count = len(locations)
         if self.progress and has_tqdm:
             locations = tqdm(locations, desc=f"sliding window ({count} windows)", unit="window")
-        start = None
+        start = perf_counter()
         for index, location in enumerate(locations):
-            if index == 1:  # the network has run on the first window (PatchInferer asks for the next one after it)
-                announce_duration(perf_counter() - start, count)
+            if index == 1:  # PatchInferer asks for the second window once the network has run on the first
+                announce_duration(perf_counter() - start, count)  # (with sw_batch_size 1, the default)
             window = (slice(None), slice(None)) + tuple(slice(s, s + p) for s, p in zip(location, self.patch_size))
-            start = start if start is not None else perf_counter()
             yield inputs[window], location
 
 
