@@ -274,45 +274,26 @@ class CaseIteration:
 
 def predict_cohort(
     inputs: Sequence[str] | str,
-    task: str | int = "liver",
-    out_dir: str = "uniseg-output",
-    weights: str = "uniseg-11task",
-    device: str | None = None,
-    tta: bool = True,
-    overlap: float = 0.5,
-    probabilities: bool = False,
-    preview: bool = True,
-    overwrite: bool = False,
-    modality: str = "CT",
-    sw_batch_size: int = 1,
-    resampling: str = "nnunet",
-    nan: str = "zero",
-    normalization_mask: str = "training",
-    window: str = "nnunet",
-    format: str = "nifti",
-    precision: str = "auto",
-    fast: bool = False,
+    *,
     fail_fast: bool = False,
     shard: str | None = None,
     loader: str = "workers",
     on_case: Callable[[CaseResult, int], None] | None = None,
+    **options,
 ) -> CohortReport:
     """Segment every case of a folder, a glob or a datalist (``cases.discover_cases``) in one run of the bundle.
 
-    The options are ``predict``'s; each case gets the single prediction's outputs in ``out_dir``. ``fail_fast``
-    stops at the first failed case (the rest are ``not run``); otherwise a failed case is reported and the others
-    complete. ``shard`` (``"i/n"``) takes the i-th of n deterministic parts. ``on_case(result, total)`` is called
-    after each case of this process (skipped ones first). Returns the report (also written as
-    ``predict_report.json`` / ``.csv``); ``InputError`` for what makes every case impossible (no case, a task that
-    takes another channel count, an unusable device or output folder).
+    ``options`` are ``predict``'s keywords (``config.PredictOptions``: task, out_dir, weights, device, tta, ...;
+    no per-window progress bar: the command line counts cases); each case gets the single prediction's outputs in
+    ``out_dir``. ``fail_fast`` stops at the first failed case (the rest are ``not run``); otherwise a failed case is
+    reported and the others complete. ``shard`` (``"i/n"``) takes the i-th of n deterministic parts.
+    ``on_case(result, total)`` is called after each case of this process (skipped ones first). Returns the report
+    (also written as ``predict_report.json`` / ``.csv``); ``InputError`` for what makes every case impossible (no
+    case, a task that takes another channel count, an unusable device or output folder).
     """
     from ..pipeline.cases import case_name, case_subject, count_channels, discover_cases, shard_cases
 
-    options = PredictOptions(task=task, out_dir=out_dir, weights=weights, device=device, tta=tta, overlap=overlap,
-                             probabilities=probabilities, preview=preview, overwrite=overwrite, progress=False,
-                             modality=modality, sw_batch_size=sw_batch_size, resampling=resampling, nan=nan,
-                             normalization_mask=normalization_mask, window=window, format=format,
-                             precision=precision, fast=fast)
+    options = PredictOptions(**{**options, "progress": False})
     if loader not in LOADERS:
         raise InputError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     part = parse_shard(shard)
