@@ -12,7 +12,6 @@ it again until the file changes; ``verify`` always hashes. Nothing here imports 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import WeakFileLock
+from huggingface_hub.utils.sha import git_hash
 
 from .. import __version__
 from ..config import CONFIG_FILE, WEIGHTS_FILE, ManifestEntry
@@ -365,7 +365,7 @@ def _check_blob(path: Path, label: str) -> None:
         algorithm, digest = "sha256", sha256_file(blob)
     elif re.fullmatch(r"[0-9a-f]{40}", blob.name):
         data = blob.read_bytes()  # small files only: Git LFS holds anything large
-        algorithm, digest = "git blob sha1", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        algorithm, digest = "git blob sha1", git_hash(data)
     else:
         return  # not a blob of the huggingface_hub cache: nothing to check against
     if digest != blob.name:
