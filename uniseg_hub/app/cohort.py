@@ -34,14 +34,12 @@ from ..errors import InputError, UnisegHubError
 from ..files import write_text_atomic
 from .outputs import check_names, check_space, claim_outputs, lock_path
 from .predict import (
-    _check_device,
-    _check_precision,
-    _check_writable,
     _output_bytes,
     _typed,
     bundle_overrides,
     bundle_workflow,
     case_outputs,
+    check_run,
     companions,
     quiet,
     unwrap_error,
@@ -299,9 +297,7 @@ def predict_cohort(
     part = parse_shard(shard)
     inputs = [os.fspath(inputs)] if isinstance(inputs, (str, os.PathLike)) else [os.fspath(p) for p in inputs]
     everything = discover_cases(inputs)
-    _check_device(options.device)
-    _check_precision(options)
-    _check_writable(options.out_dir)
+    check_run(options)
     start = time.perf_counter()
     ranks = _Ranks()
     try:

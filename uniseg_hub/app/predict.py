@@ -148,9 +148,7 @@ def predict(
         from ..pipeline.label_files import check_format_inputs
 
         check_format_inputs(options.format, inputs)
-    _check_device(options.device)
-    _check_precision(options)
-    _check_writable(options.out_dir)
+    check_run(options)
     start = time.perf_counter()
     workflow = _typed(bundle_workflow, bundle_overrides(options, inputs))
     parsed = lambda name: _typed(workflow.parser.get_parsed_content, name)  # noqa: E731
@@ -246,6 +244,14 @@ def _output_bytes(first_input: str, options: PredictOptions, labels: int) -> int
     shape, _ = describe_file(first_input)
     voxels = int(np.prod(shape[:3]))
     return voxels + (voxels * 4 * max(labels, 2) if options.probabilities else 0) + (4 << 20)
+
+
+def check_run(options: PredictOptions) -> None:
+    """What a run (one case or a cohort) needs before the model loads: the device, the precision on it, a writable
+    output folder; ``InputError`` or ``OSError`` naming the fix."""
+    _check_device(options.device)
+    _check_precision(options)
+    _check_writable(options.out_dir)
 
 
 def _check_device(device: str | None) -> None:
