@@ -35,7 +35,7 @@ CONFIG_FILE = "config.json"
 """The two files of a converted folder and of a published repository (``weights.save_folder`` writes them)."""
 
 ARCHITECTURES = ("UniSeg", "UniSegBackbone")
-UNIVERSAL_ONLY = ("num_tasks", "head_channels", "patch_size")
+UNIVERSAL_ONLY = ("num_tasks", "head_channels", "patch_size", "added_tasks")
 """Fields of the universal model that a backbone does not have (and ``num_classes`` the other way round)."""
 
 MAX_STAGES = 8
@@ -110,6 +110,9 @@ class UniSegConfig:
         features, kernel_sizes, strides: per-stage lists; stage 0 is not strided.
         num_tasks, head_channels, patch_size: the universal model's prompt channels, shared head width and training
             patch (the prompt's size is the patch divided by the total stride). Unused by the backbone.
+        added_tasks: classes (background included) of each task added after training (``uniseg-hub add-task``), ids
+            ``num_tasks``, ``num_tasks + 1``, ...: each has its own prompt channel, decoder adapters and heads
+            (``networks.AddedTask``). Empty for the official model. Unused by the backbone.
         num_classes: the backbone's output classes, background included. Unused by the universal model.
     """
 
@@ -122,6 +125,7 @@ class UniSegConfig:
     head_channels: int = HEAD_CHANNELS
     patch_size: tuple[int, int, int] = PATCH_SIZE
     num_classes: int | None = None
+    added_tasks: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -148,6 +152,10 @@ class UniSegConfig:
                 raise ConfigError(f"patch_size {list(patch)} must be divisible by the total stride {list(stride)} "
                                   f"and hold at most {MAX_PATCH_VOXELS} voxels")
             values["patch_size"] = patch
+            values["added_tasks"] = _whole_list(self.added_tasks, "added_tasks", 2, MAX_CLASSES)
+            if values["num_tasks"] + len(values["added_tasks"]) > MAX_TASKS:
+                raise ConfigError(f"a model holds at most {MAX_TASKS} tasks, got {values['num_tasks']} + "
+                                  f"{len(values['added_tasks'])} added")
             if self.num_classes is not None:
                 raise ConfigError("num_classes belongs to a UniSegBackbone; the universal model has head_channels")
         else:
@@ -181,6 +189,8 @@ class UniSegConfig:
         """``{"architecture", "config"}`` with JSON lists, as config.json stores it."""
         values = asdict(self)
         drop = {"architecture", *(("num_classes",) if self.architecture == "UniSeg" else UNIVERSAL_ONLY)}
+        if not self.added_tasks:
+            drop.add("added_tasks")  # the official model's config.json stays as it was
         as_lists = lambda v: [as_lists(x) for x in v] if isinstance(v, tuple) else v  # noqa: E731
         return {"architecture": self.architecture,
                 "config": {k: as_lists(v) for k, v in values.items() if k not in drop}}
@@ -189,12 +199,23 @@ class UniSegConfig:
         """The downstream backbone of this architecture with ``num_classes`` classes (and other stems if given)."""
         return replace(self, architecture="UniSegBackbone", num_classes=num_classes,
                        in_channels=self.in_channels if in_channels is None else tuple(in_channels),
-                       num_tasks=NUM_TASKS, head_channels=HEAD_CHANNELS, patch_size=PATCH_SIZE)
+                       num_tasks=NUM_TASKS, head_channels=HEAD_CHANNELS, patch_size=PATCH_SIZE, added_tasks=())
 
     @property
     def total_stride(self) -> tuple[int, int, int]:
         """Product of all stage strides per axis: the factor an input size must be divisible by."""
         return total_stride(self.strides)
+
+    @property
+    def total_tasks(self) -> int:
+        """Tasks of the universal model: the prompted ``num_tasks`` and the added ones."""
+        return self.num_tasks + len(self.added_tasks)
+
+    def with_added_task(self, num_classes: int) -> UniSegConfig:
+        """This universal model with one more added task of ``num_classes`` classes (background included)."""
+        if self.architecture != "UniSeg":
+            raise ConfigError("tasks can be added to the universal model (UniSeg) only, not to a backbone")
+        return replace(self, added_tasks=(*self.added_tasks, num_classes))
 
     @property
     def prompt_size(self) -> tuple[int, int, int]:

@@ -225,13 +225,16 @@ class CpuInferenceModel(_CpuInference):
         if not self._fast(skips[-1]):
             return _standard(self.model.decode(skips, task))
         ids = self.model.task_ids(task, skips[-1].shape[0], skips[-1].device)
+        if bool((ids >= self.model.prompted_tasks).any()):  # an added task: its adapters and heads run plain
+            return _standard(self.model.decode_ids(skips, ids))
         return _standard(self.decoder_output(self.model.decoder, [*skips[:-1], self._prompted(skips[-1], ids)]))
 
     def decode_tasks(self, skips: Sequence[torch.Tensor], tasks: Sequence) -> list[torch.Tensor]:
         """``[decode(skips, t) for t in tasks]``, each decoder level's skip term computed once for all tasks on the
         fast path (a third of the decoder's work per task in the official model)."""
         tasks = list(tasks)
-        if len(tasks) > 1 and self._fast(skips[-1]):
+        prompted_only = all(self.model.task_index(t) < self.model.prompted_tasks for t in tasks)
+        if len(tasks) > 1 and prompted_only and self._fast(skips[-1]):
             bottleneck = skips[-1]
             prompted = [self._prompted(bottleneck, self.model.task_ids(t, bottleneck.shape[0], bottleneck.device))
                         for t in tasks]

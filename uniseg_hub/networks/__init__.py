@@ -14,7 +14,10 @@ Layout (defaults = the official 11-task model, ``uniseg_hub.config.UniSegConfig`
   appended to the bottleneck, so 321 channels enter the first transposed convolution;
 * decoder (``decoder.py``): five levels of transposed conv (no bias, kernel = stride) + skip concatenation + two
   3x3x3 conv blocks (the full-resolution level uses 3x3x3 too, an nnU-Net v1 quirk); one shared bias-free 1x1x1 head
-  per level.
+  per level;
+* added tasks (``added_task.py``): a task added after training (``uniseg-hub add-task``) owns a prompt channel over
+  the fusion's hidden features, a zero-initialised residual 1x1x1 adapter per decoder level and its own heads; the
+  official tasks never run through them.
 
 Conv biases: every convolution of the official model has a bias and feeds an InstanceNorm, which removes it, so the
 biases have no effect on any output. They are kept, so that parameter counts and state dicts match the official
@@ -24,11 +27,12 @@ The networks are plain eager PyTorch: no I/O, no global state, no tuning, output
 layout. The CPU inference fast path is applied from outside by ``uniseg_hub.cpu.prepare_for_inference``.
 """
 
+from .added_task import AddedTask
 from .blocks import ConvBlock, FeatureInfo, MultiChannelStem, init_he, same_padding
 from .decoder import UNetDecoder
 from .encoder import UniSegEncoder
 from .prompt import TaskPrompt
 from .uniseg import UniSeg, UniSegBackbone
 
-__all__ = ["UniSeg", "UniSegBackbone", "UniSegEncoder", "UNetDecoder", "TaskPrompt", "ConvBlock", "MultiChannelStem",
-           "FeatureInfo", "init_he", "same_padding"]
+__all__ = ["AddedTask", "UniSeg", "UniSegBackbone", "UniSegEncoder", "UNetDecoder", "TaskPrompt", "ConvBlock",
+           "MultiChannelStem", "FeatureInfo", "init_he", "same_padding"]

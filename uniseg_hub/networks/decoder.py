@@ -20,9 +20,11 @@ class UNetDecoder(nn.Module):
         bottleneck_extra: extra channels appended to the bottleneck before the first level (1 for the task prompt).
         deep_supervision: in training mode return the outputs of all levels.
 
-    ``forward(skips)`` takes the encoder's six maps (bottleneck last) and returns the full-resolution logits
-    (B, head_channels, *input size) in eval mode, and in training mode (with deep supervision) the list of all
-    levels' logits, full resolution first, then each coarser level (five in the official model).
+    ``forward(skips, added=None)`` takes the encoder's six maps (bottleneck last) and returns the full-resolution
+    logits (B, head_channels, *input size) in eval mode, and in training mode (with deep supervision) the list of all
+    levels' logits, full resolution first, then each coarser level (five in the official model). With ``added`` (an
+    ``AddedTask``) each level's features also pass through the task's residual adapter and its heads replace the
+    shared ones.
     """
 
     def __init__(
@@ -48,12 +50,21 @@ class UNetDecoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
 
-    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    @property
+    def level_channels(self) -> list[int]:
+        """Feature channels of each level's output, deepest first (what a head or an adapter takes)."""
+        return [head.in_channels for head in self.heads]
+
+    def forward(self, skips: Sequence[torch.Tensor], added: nn.Module | None = None) \
+            -> torch.Tensor | list[torch.Tensor]:
         all_levels = self.training and self.deep_supervision
+        heads = self.heads if added is None else added.heads
         x = skips[-1]
         outputs = []
-        for u, (up, block, head) in enumerate(zip(self.upsamples, self.blocks, self.heads)):
+        for u, (up, block, head) in enumerate(zip(self.upsamples, self.blocks, heads)):
             x = block(torch.cat([up(x), skips[-(u + 2)]], 1))
-            if all_levels or u == len(self.heads) - 1:
+            if added is not None:
+                x = added.adapt(u, x)
+            if all_levels or u == len(heads) - 1:
                 outputs.append(head(x))
         return outputs[::-1] if all_levels else outputs[-1]

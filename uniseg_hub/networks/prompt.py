@@ -33,11 +33,20 @@ class TaskPrompt(nn.Module):
             ConvBlock(hidden, num_tasks, kernel_size),
         )
 
-    def forward(self, bottleneck: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def hidden_channels(self) -> int:
+        """Width of the fusion's hidden features, the input of its last block (and of an added task's prompt)."""
+        return self.fusion[-1].conv.in_channels
+
+    def hidden(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """The fusion's hidden features (B, hidden_channels, *S): all but its last block, shared by every task."""
         prompt = self.universal
         if prompt.shape[2:] != bottleneck.shape[2:]:
             prompt = F.interpolate(prompt, size=bottleneck.shape[2:], mode="trilinear", align_corners=False)
         batch = bottleneck.shape[0]
-        fused = self.fusion(torch.cat([bottleneck, prompt.expand(batch, -1, -1, -1, -1).to(bottleneck.dtype)], 1))
-        index = task_ids.view(batch, 1, 1, 1, 1).expand(batch, 1, *fused.shape[2:])
+        return self.fusion[:-1](torch.cat([bottleneck, prompt.expand(batch, -1, -1, -1, -1).to(bottleneck.dtype)], 1))
+
+    def forward(self, bottleneck: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        fused = self.fusion[-1](self.hidden(bottleneck))
+        index = task_ids.view(-1, 1, 1, 1, 1).expand(bottleneck.shape[0], 1, *fused.shape[2:])
         return fused.gather(1, index)

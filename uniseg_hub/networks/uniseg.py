@@ -9,7 +9,8 @@ from torch import nn
 
 from ..config import UniSegConfig
 from ..errors import ConfigError, InputShapeError, UnknownTaskError
-from ..tasks import TASKS, get_task
+from ..tasks import OFFICIAL_TASKS, TaskTable
+from .added_task import AddedTask
 from .blocks import check_divisible, init_he
 from .decoder import UNetDecoder
 from .encoder import UniSegEncoder
@@ -39,46 +40,71 @@ class UniSeg(nn.Module):
             bottleneck. A deviation from the official model, which accepts the training patch only (default off).
         deep_supervision: in training mode return the logits of all five decoder levels.
         default_task: task used when ``forward`` gets none (lets ``net(x)`` work, e.g. for MONAI's checks).
+        tasks: the model's task table (names, labels, spacing), one task per id; default the official eleven when
+            the model has eleven tasks, else none (tasks are then addressed by id).
+
+    Tasks ``0 .. config.num_tasks - 1`` are prompted through the shared fusion and share the head; tasks added after
+    training (``config.added_tasks``) follow, each with its own ``AddedTask`` modules in ``added``, and leave the
+    prompted tasks' computation untouched.
 
     ``forward(x, task)``: ``x`` is (B, C, *patch_size) with C in ``in_channels``; ``task`` is a task id, a task name
-    (``"liver"``, ``"brats"``, only when T = 11) or a LongTensor (B,) of ids for a mixed-task batch (each sample gets
-    its own prompt; a single-task batch gives exactly the official result). Returns the full-resolution logits
-    (B, head_channels, *patch_size) in eval mode; in training mode with deep supervision a list of five logits, full
-    resolution first. The logits cover all ``head_channels``; the official inference takes the softmax over all of
-    them and keeps the task's first C_t channels (``tasks.get_task(t).num_classes``).
+    (``"liver"``; needs a task table) or a LongTensor (B,) of ids for a mixed-task batch (each sample gets its own
+    prompt; a single-task batch gives exactly the official result; added tasks take single-task batches). Returns
+    the full-resolution logits (B, output_channels(task), *patch_size) in eval mode; in training mode with deep
+    supervision a list of five logits, full resolution first. A prompted task's logits cover all ``head_channels``;
+    the official inference takes the softmax over all of them and keeps the task's first C_t channels
+    (``tasks.get_task(t).num_classes``). An added task's logits are its C_t classes.
     """
 
     def __init__(self, config: UniSegConfig | None = None, *, resize_prompt: bool = False,
-                 deep_supervision: bool = True, default_task: int | str = 0, **fields):
+                 deep_supervision: bool = True, default_task: int | str = 0, tasks: TaskTable | None = None,
+                 **fields):
         super().__init__()
         self.config = c = _config(config, "UniSeg", fields)
         self.patch_size = c.patch_size
         self.total_stride = c.total_stride
         self.resize_prompt = resize_prompt
-        self.num_tasks = c.num_tasks
+        self.prompted_tasks = c.num_tasks
+        self.num_tasks = c.total_tasks
+        if tasks is None and self.num_tasks == len(OFFICIAL_TASKS):
+            tasks = OFFICIAL_TASKS
+        if tasks is not None and len(tasks) != self.num_tasks:
+            raise ConfigError(f"the task table lists {len(tasks)} tasks ({tasks.describe()}), the network has "
+                              f"{self.num_tasks}: {c.num_tasks} prompted + {len(c.added_tasks)} added")
+        self.tasks = tasks
         self.encoder = UniSegEncoder(c.in_channels, c.features, c.kernel_sizes, c.strides)
         self.prompt = TaskPrompt(c.features[-1], c.num_tasks, c.prompt_size, c.kernel_sizes[-1])
         self.decoder = UNetDecoder(c.features, c.kernel_sizes, c.strides, c.head_channels, 1, deep_supervision)
+        self.added = nn.ModuleList(
+            AddedTask(self.prompt.hidden_channels, c.kernel_sizes[-1], self.decoder.level_channels, classes)
+            for classes in c.added_tasks)
         self.default_task = self.task_index(default_task)
         self.apply(init_he)
+        for added in self.added:
+            added.reset_adapters()
 
     def task_index(self, task: int | str) -> int:
-        """Resolve a task id or name to the prompt index, with an error that lists the valid tasks."""
+        """Resolve a task id or name to the task's id, with an error that lists the valid tasks."""
         if isinstance(task, str) and not task.strip().isdigit():
-            if self.num_tasks != len(TASKS):
+            if self.tasks is None:
                 raise UnknownTaskError(
-                    f"task names only exist for the official {len(TASKS)} tasks; this model has {self.num_tasks} "
-                    f"tasks: pass an id from 0 to {self.num_tasks - 1}"
+                    f"this model has {self.num_tasks} tasks and no task table to look names up in: pass an id "
+                    f"from 0 to {self.num_tasks - 1}"
                 )
-            return get_task(task).id
+            return self.tasks.get(task).id
         index = int(task)
         if not 0 <= index < self.num_tasks:
-            names = ", ".join(t.name for t in TASKS) if self.num_tasks == len(TASKS) else ""
-            raise UnknownTaskError(
-                f"task id {index} is out of range: this model has tasks 0-{self.num_tasks - 1}"
-                + (f" ({names})" if names else "")
-            )
+            names = f" ({self.tasks.describe()})" if self.tasks is not None else ""
+            raise UnknownTaskError(f"task id {index} is out of range: this model has tasks 0-{self.num_tasks - 1}"
+                                   + names)
         return index
+
+    def output_channels(self, task: int | str) -> int:
+        """Channels of ``task``'s logits: ``head_channels`` for a prompted task, its classes for an added one."""
+        index = self.task_index(task)
+        if index < self.prompted_tasks:
+            return self.config.head_channels
+        return self.added[index - self.prompted_tasks].num_classes
 
     def task_ids(self, task, batch: int, device: torch.device) -> torch.Tensor:
         """The (B,) LongTensor of prompt indices for ``task`` (None, id, name or tensor)."""
@@ -120,8 +146,18 @@ class UniSeg(nn.Module):
         return self.decode_ids(skips, self.task_ids(task, skips[-1].shape[0], skips[-1].device))
 
     def decode_ids(self, skips: Sequence[torch.Tensor], task_ids: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """``decode`` with a (B,) LongTensor of valid ids and no checks (traceable, e.g. for ONNX export)."""
+        """``decode`` with a (B,) LongTensor of valid ids; without added tasks no checks (traceable, e.g. for ONNX
+        export)."""
         bottleneck = skips[-1]
+        if len(self.added):
+            first = int(task_ids[0])
+            if first >= self.prompted_tasks or bool((task_ids >= self.prompted_tasks).any()):
+                if bool((task_ids != first).any()):
+                    raise UnknownTaskError(f"a batch with an added task must hold one task only, got ids "
+                                           f"{task_ids.tolist()}; decode the tasks one at a time")
+                added = self.added[first - self.prompted_tasks]
+                prompt = added.prompt(self.prompt.hidden(bottleneck))
+                return self.decoder([*skips[:-1], torch.cat([bottleneck, prompt], 1)], added)
         prompted = torch.cat([bottleneck, self.prompt(bottleneck, task_ids)], 1)
         return self.decoder([*skips[:-1], prompted])
 
