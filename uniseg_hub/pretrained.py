@@ -54,6 +54,7 @@ from .weights import (
     read_folder,
     read_safetensors,
     save_folder,
+    task_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ def load_model(src: str | os.PathLike, *, num_classes: int | None = None, pretra
                              num_classes, label)
     if num_classes is None or (config.architecture == "UniSegBackbone" and config.num_classes == num_classes):
         # uninitialised: a strict load overwrites every tensor
-        model = build_network(config, uninitialised=state is not None, network=network)
+        model = build_network(config, uninitialised=state is not None, network=network,
+                              tasks=task_table(info, config, label))
         model.decoder.deep_supervision = deep_supervision
         report = _random(model) if state is None else load_checked(model, state, source=label, assign=True)
         return _finish(model, report, info, device)
@@ -314,7 +316,8 @@ class UniSegHubMixin(PyTorchModelHubMixin, library_name=hub.LIBRARY_NAME, tags=l
         """The folder ``load_model`` reads; its ``source`` names where the model was first loaded from, if known."""
         loaded = getattr(self, "pretrained_cfg", {}).get("source")
         source = {"initialised_from": loaded.get("initialised_from", loaded)} if loaded else {}
-        save_folder(save_directory, self.state_dict(), self.config, source=source, overwrite=True)
+        save_folder(save_directory, self.state_dict(), self.config, source=source, overwrite=True,
+                    tasks=getattr(self, "tasks", None))
 
 
 class UniSeg(networks.UniSeg, UniSegHubMixin):

@@ -35,6 +35,7 @@ from .errors import (
 )
 from .files import atomic_path, format_json, sha256_file, write_text_atomic
 from .networks import UniSeg, UniSegBackbone
+from .tasks import OFFICIAL_TASKS, TaskTable
 
 FORMAT_VERSION = 1
 ARCHITECTURES = {"UniSeg": UniSeg, "UniSegBackbone": UniSegBackbone}
@@ -215,20 +216,21 @@ def infer_architecture(state: Mapping[str, torch.Tensor]) -> UniSegConfig:
         raise IncompatibleCheckpointError(f"the checkpoint's tensor shapes describe no valid UniSeg: {e}") from e
 
 
-def build_network(config: UniSegConfig, *, uninitialised: bool = False, network: type[nn.Module] | None = None) \
-        -> nn.Module:
+def build_network(config: UniSegConfig, *, uninitialised: bool = False, network: type[nn.Module] | None = None,
+                  tasks: TaskTable | None = None) -> nn.Module:
     """Instantiate the network ``config`` describes (random weights).
 
     ``uninitialised``: skip the random initialisation and leave the tensors' memory as allocated, for a caller that
     overwrites every tensor next (a strict load of a complete checkpoint); it makes loading ~20x faster.
     ``network``: the class to build, a subclass of ``ARCHITECTURES[config.architecture]`` (default that class), such
-    as the Hub-aware ``uniseg_hub.UniSeg``.
+    as the Hub-aware ``uniseg_hub.UniSeg``. ``tasks``: the universal model's task table (``task_table``).
     """
     network = network or ARCHITECTURES[config.architecture]
+    options = {"tasks": tasks} if config.architecture == "UniSeg" else {}
     if not uninitialised:
-        return network(config=config)
+        return network(config=config, **options)
     with torch.device("meta"):
-        return network(config=config).to_empty(device="cpu")
+        return network(config=config, **options).to_empty(device="cpu")
 
 
 def _listing(keys: Iterable, limit: int = 10) -> str:
@@ -319,9 +321,12 @@ def save_folder(
     *,
     source: Mapping | None = None,
     overwrite: bool = False,
+    tasks: TaskTable | None = None,
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (``config`` and ``source``) into ``out_dir`` atomically;
-    returns the folder."""
+    """Write ``model.safetensors`` + ``config.json`` (``config``, ``source`` and, unless they are the official
+    eleven, ``tasks``) into ``out_dir`` atomically; returns the folder."""
+    if tasks is not None and config.architecture == "UniSeg" and len(tasks) != config.total_tasks:
+        raise ConfigError(f"the task table lists {len(tasks)} tasks, the network has {config.total_tasks}")
     out = Path(out_dir)
     targets = [out / WEIGHTS_FILE, out / CONFIG_FILE]
     existing = [str(p) for p in targets if p.exists()]
@@ -331,6 +336,8 @@ def save_folder(
     architecture = config.to_dict()
     document = {"format_version": FORMAT_VERSION, **architecture, "axis_order": "MONAI (C, x, y, z)",
                 "weights": WEIGHTS_FILE, "source": dict(source or {}), "uniseg_hub_version": __version__}
+    if tasks is not None and not tasks.official:
+        document["tasks"] = tasks.to_json()
     metadata = {"format": "pt", "uniseg_hub.format_version": str(FORMAT_VERSION),
                 "uniseg_hub.architecture": json.dumps(architecture),
                 "uniseg_hub.source": json.dumps(dict(source or {})), "uniseg_hub.version": __version__}
@@ -369,6 +376,27 @@ class Checkpoint:
     document: dict
     state: dict[str, torch.Tensor]
 
+    @property
+    def tasks(self) -> TaskTable | None:
+        """The model's task table (``task_table``)."""
+        return task_table(self.document, self.config)
+
+
+def task_table(document: Mapping, config: UniSegConfig, where: str = "config.json") -> TaskTable | None:
+    """The tasks a model's ``config.json`` (or manifest entry) lists, checked against its architecture; without a
+    ``tasks`` list the official eleven for an eleven-task universal model, else None (a backbone has no tasks)."""
+    if config.architecture != "UniSeg":
+        return None
+    if "tasks" not in document:
+        return OFFICIAL_TASKS if config.total_tasks == len(OFFICIAL_TASKS) else None
+    try:
+        table = TaskTable.from_json(document["tasks"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if len(table) != config.total_tasks:
+        raise ConfigError(f"{where} lists {len(table)} tasks but its network has {config.total_tasks} "
+                          f"({config.num_tasks} prompted + {len(config.added_tasks)} added); the file is damaged")
+    return table
 
 def read_folder(path: str | os.PathLike, tensors: bool = True) -> Checkpoint:
     """A converted folder, or a lone ``.safetensors`` file (architecture from its metadata). The architecture is
@@ -403,4 +431,5 @@ def read_folder(path: str | os.PathLike, tensors: bool = True) -> Checkpoint:
     state = read_safetensors(weights, tensors)[1] if tensors else {}
     if tensors:
         check_tensors(state, f"{weights} (architecture from {where})", config)
+    task_table(document, config, where)  # a damaged task list is refused here, before anything is built
     return Checkpoint(weights.parent if path.is_dir() else weights, config, document, state)

@@ -126,3 +126,26 @@ def test_the_task_table_round_trips_and_refuses_damaged_entries():
     broken[11]["merged_labels"] = [3]
     with pytest.raises(ConfigError, match="unique"):
         TaskTable.from_json(broken)
+
+
+def test_the_task_table_travels_with_the_weights(tmp_path):
+    import json
+
+    from uniseg_hub import load_model
+    from uniseg_hub.weights import save_folder
+
+    _, bigger = grown(classes=3)
+    table = OFFICIAL_TASKS.with_task("knee", labels=["femur", "tibia"], channels=["T2"], normalization=["zscore"],
+                                     spacing=[1, 1, 2], group="MR")
+    save_folder(tmp_path / "m", bigger.state_dict(), bigger.config, tasks=table)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.tasks == table and loaded.task_index("knee") == 11
+    loaded.save_pretrained(tmp_path / "again")
+    assert load_model(tmp_path / "again").tasks == table
+    document = json.loads((tmp_path / "m" / "config.json").read_text())
+    document["tasks"] = document["tasks"][:11]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="lists 11 tasks but its network has 12"):
+        load_model(tmp_path / "m")
+    with pytest.raises(ConfigError, match="lists 12 tasks, the network has 11"):
+        save_folder(tmp_path / "x", {}, UniSegConfig(), tasks=table)
