@@ -149,3 +149,16 @@ def test_the_task_table_travels_with_the_weights(tmp_path):
         load_model(tmp_path / "m")
     with pytest.raises(ConfigError, match="lists 12 tasks, the network has 11"):
         save_folder(tmp_path / "x", {}, UniSegConfig(), tasks=table)
+
+
+def test_onnx_export_refuses_a_model_with_added_tasks(tmp_path):
+    pytest.importorskip("onnxscript")
+    from uniseg_hub.app.export import export_onnx
+    from uniseg_hub.errors import UnisegHubError
+    from uniseg_hub.weights import save_folder
+
+    _, bigger = grown()
+    save_folder(tmp_path / "m", bigger.state_dict(), bigger.config)
+    with pytest.raises(UnisegHubError, match="added after training"):
+        export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -46,6 +46,10 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, *, in_channels: 
             from e
     model = load_model(src)
     universal = isinstance(model, UniSeg)
+    if universal and len(model.added):
+        raise UnisegHubError(f"{src} has {len(model.added)} task(s) added after training (ids from "
+                             f"{model.prompted_tasks}), which the ONNX graph (a task id input, no data-dependent "
+                             "branches) cannot hold; export the model they were added to, or run them in PyTorch")
     size = tuple(model.patch_size) if universal else tuple(spatial_size or (64, 64, 32))
     image = torch.randn(2, in_channels, *size)
     batch = torch.export.Dim("batch")
