@@ -286,7 +286,8 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
         probabilities: also write the probabilities on the input's grid (one task; refused for --task all).
         preview: write the PNG preview.
         overwrite: replace existing outputs.
-        progress: show a progress bar over the sliding-window patches.
+        progress: show progress bars on stderr when it is a terminal: one case gets reading, preprocessing,
+            sliding window (with the number of windows) and writing; a cohort one bar over its cases.
         modality: CT or MR, the group --task all uses for 1-channel input.
         resampling: nnunet (official: edge-aligned grid, cubic spline, nearest along the slice axis of anisotropic
             scans) or monai (MONAI's Spacingd, trilinear; a deviation).
@@ -312,7 +313,7 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
     """
     from .app.predict import predict as run
     from .app.predict import quiet
-    from .config import PredictOptions
+    from .config import PredictOptions, parse_bool
     from .errors import ConfigError
 
     try:  # a wrong option value is a usage error, found before anything is loaded
@@ -342,9 +343,10 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
                         modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
                         window=window, format=format, precision=precision, fast=fast)
         return
-    # --- one case ---
+    # --- one case: its stage bars only on a terminal (a log or a pipe gets the result and error lines alone) ---
     result = run(list(inputs), task=task, out_dir=out, weights=model, device=device, tta=tta, overlap=overlap,
-                 probabilities=probabilities, preview=preview, overwrite=overwrite, progress=progress,
+                 probabilities=probabilities, preview=preview, overwrite=overwrite,
+                 progress=parse_bool(progress, "progress") and _terminal(sys.stderr),
                  modality=modality, resampling=resampling, nan=nan, normalization_mask=normalization_mask,
                  window=window, format=format, precision=precision, fast=fast)
     emit(result.as_dict(), json, _describe(result))
@@ -384,6 +386,14 @@ def _predict_cohort(inputs: list[str], *, json: bool, progress, fail_fast, shard
         first = f" (first: {failed[0].case}: {failed[0].error})" if failed else ""
         _fail(f"{len(failed)} of {len(report.cases)} cases failed{first}; the others are done; see "
               f"{report.report_csv}")
+
+
+def _terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal (where progress bars go; a closed or odd stream is not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _cohort_table(report) -> str:
@@ -447,7 +457,7 @@ def demo(*, weights=None, out: str = "uniseg-demo", task: str = "liver", tta: bo
     setup = prepare_demo(weights, task, tta=tta, device=device)
     _note(_estimate_line(setup))
     logging.getLogger("uniseg_hub.pipeline.sliding_window").setLevel(logging.WARNING)  # the estimate is out already
-    result = run_demo(setup, out, tta=tta, device=device)
+    result = run_demo(setup, out, tta=tta, device=device, progress=_terminal(sys.stderr))
     emit(result.as_dict(), json, "\n".join([*(_describe(r) for r in result.predictions),
                                             _agreement_table(result.agreement)]))
 

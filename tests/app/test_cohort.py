@@ -171,6 +171,7 @@ def test_a_cohort_loads_the_model_once_reports_a_bad_case_and_resumes(cohort, co
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "1 of 6 cases failed" in errors[0] and "Traceback" not in stderr
     assert "6/6" in stderr and ("case/s" in stderr or "s/case" in stderr)  # the progress bar counted cases
+    assert "preprocessing" not in stderr and "sliding window" not in stderr  # no per-case stage bars
     report = json.loads((out / "predict_report.json").read_text())
     assert [c["status"] for c in report["cases"]] == ["done", "done", "done", "failed", "done", "done"]
     assert report["ok"] is False and report["counts"]["failed"] == 1

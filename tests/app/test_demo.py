@@ -126,9 +126,9 @@ def test_demo_command_prints_notes_before_the_run_and_the_table_after(monkeypatc
         order.append(("prepare", capsys.readouterr().err))  # what was said before the downloads
         return setup
 
-    def run_demo(got, out, tta, device):
+    def run_demo(got, out, tta, device, progress):
         order.append(("run", capsys.readouterr().err))  # what was said before the run
-        assert got is setup
+        assert got is setup and progress is False  # no bars: stderr is not a terminal here
         return result
 
     monkeypatch.setattr(demo_app, "plan_downloads", plan_downloads)

@@ -1,7 +1,9 @@
 """``uniseg-hub predict`` and ``demo`` as people run them: subprocesses on real scans, DICOM, all tasks, bad input."""
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -225,3 +227,129 @@ def test_any_nifti_gives_a_valid_output_or_one_clean_error(converted_small, tmp_
         lines = err.strip().splitlines()
         assert exit_info.value.code == 1 and len(lines) == 1 and lines[0].startswith("error:"), err
         assert not (folder / "out").exists() or not any((folder / "out").iterdir())
+
+
+# --- progress bars (issue 18): one labelled bar per stage, on stderr, only on a terminal ---------------------------
+
+STAGE_LABELS = ("reading: ", "preprocessing: ", "sliding window (", "writing: ")
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal (where the command line shows its bars)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def random_scan(tmp_path_factory):
+    """A random CT of 100x72x20 voxels at the liver task's spacing (1.5, 1.5, 3 mm): 3x2x1 windows of the small
+    model (patch 64x64x32)."""
+    path = tmp_path_factory.mktemp("random") / "scan.nii.gz"
+    data = (np.random.default_rng(3).normal(size=(100, 72, 20)) * 300).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 3.0, 1.0])), path)
+    return path
+
+
+def run_main(args, stderr, monkeypatch, capsys) -> str:
+    """``cli.main(args)`` with ``stderr`` as sys.stderr; its real stdout."""
+    monkeypatch.setattr(sys, "stderr", stderr)
+    try:
+        cli.main([str(a) for a in args])
+    except SystemExit as e:
+        assert e.code in (0, None), stderr.getvalue()[-3000:]
+    finally:
+        monkeypatch.undo()
+    return capsys.readouterr().out
+
+
+def stage_positions(text: str) -> list[int]:
+    """Where each stage's label first appears in ``text`` (-1: missing)."""
+    return [text.find(label) for label in STAGE_LABELS]
+
+
+def test_each_stage_of_a_prediction_has_a_labelled_bar_on_stderr_only(converted_small, random_scan, tmp_path,
+                                                                      monkeypatch, capsys):
+    common = [random_scan, "--model", converted_small, "--notta", "--device", "cpu", "--json"]
+    terminal = Terminal()
+    stdout = run_main(["predict", *common, "--out", tmp_path / "bars"], terminal, monkeypatch, capsys)
+    err = terminal.getvalue()
+    positions = stage_positions(err)
+    assert -1 not in positions and positions == sorted(positions), err  # every label, in the stages' order
+    assert re.search(r"sliding window \(6 windows\): 100%.* 6/6 ", err), err  # the count, as the bar's total
+    assert re.search(r"writing: 100%.* 3/3 ", err), err  # label map (the bundle), volume tables, preview
+    assert re.search(r"reading: 100%.* 1/1 ", err) and re.search(r"preprocessing: 100%.* 1/1 ", err), err
+    # stdout is the JSON result alone: no bar, no label
+    result = json.loads(stdout)
+    assert not any(label in stdout for label in STAGE_LABELS) and "\r" not in stdout and "%|" not in stdout
+
+    # --noprogress on a terminal, and the default on a stderr that is not a terminal: no bar, the same outputs
+    quiet, plain = Terminal(), io.StringIO()
+    off = json.loads(run_main(["predict", *common, "--out", tmp_path / "off", "--noprogress", "--nopreview"], quiet,
+                              monkeypatch, capsys))
+    piped = json.loads(run_main(["predict", *common, "--out", tmp_path / "piped", "--nopreview"], plain,
+                                monkeypatch, capsys))
+    for text in (quiet.getvalue(), plain.getvalue()):
+        assert stage_positions(text) == [-1] * 4 and "%|" not in text, text
+    first = nib.load(result["label_map"])
+    for other in (off, piped):
+        again = nib.load(other["label_map"])
+        np.testing.assert_array_equal(np.asanyarray(again.dataobj), np.asanyarray(first.dataobj))
+        assert np.array_equal(again.affine, first.affine) and other["volumes"] == result["volumes"]
+
+
+def test_the_bars_of_a_real_terminal_and_a_clean_stdout(converted_small, random_scan, tmp_path):
+    """Through the real command line with stderr on a pseudo-terminal and stdout on a pipe."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
+    process = subprocess.Popen([sys.executable, "-m", "uniseg_hub", "predict", str(random_scan), "--model",
+                                str(converted_small), "--notta", "--device", "cpu", "--nopreview", "--json",
+                                "--out", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the terminal's last writer is gone (EIO)
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    stdout, _ = process.communicate(timeout=300)
+    reader.join(timeout=10)
+    os.close(master)
+    err = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, err[-3000:]
+    positions = stage_positions(err)
+    assert -1 not in positions and positions == sorted(positions), err
+    assert re.search(r"writing: 100%.* 2/2 ", err), err  # label map and volume tables (no preview)
+    assert json.loads(stdout)["preview"] is None and "%|" not in stdout
+
+
+def test_stage_bars_are_silent_when_off_and_know_their_stages():
+    from uniseg_hub.pipeline.progress import StageBars
+
+    out = Terminal()
+    off = StageBars(enabled=False, file=out)
+    off.stage("reading")({"image": 1})
+    off.step("x")
+    off.end()
+    assert out.getvalue() == ""
+    with pytest.raises(ValueError, match="the stages are reading, preprocessing, sliding window, writing"):
+        off.stage("loading")
+    on = StageBars(enabled="true", writes=2, file=out)
+    assert on.stage("writing")({"image": 1}) == {"image": 1} and on.bar.total == 2
+    on.step("label map")
+    on.step("preview")
+    assert on.bar is None and "writing: 100%" in out.getvalue() and "preview" in out.getvalue()

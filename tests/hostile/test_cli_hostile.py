@@ -298,6 +298,17 @@ def test_a_failure_inside_the_bundle_run_is_one_line_and_stdout_stays_clean(scan
     assert listing(tmp_path / "out") is None
 
 
+def test_progress_bars_add_nothing_to_a_failure_on_a_stderr_that_is_not_a_terminal(scans, converted_small, env,
+                                                                                    tmp_path):
+    """--progress is the default: a run that fails after reading, preprocessing and the sliding window (their bars
+    are shown on a terminal only) still writes one line on stderr."""
+    bug = "import uniseg_hub.pipeline as p\np.ArgMaxd.__call__ = lambda self, data: 1 / 0\n"
+    result = cli("predict", scans["ct"], "--model", converted_small, "--out", tmp_path / "out", "--device", "cpu",
+                 "--notta", "--progress", env=env, patch=bug)
+    one_line(result, 1, "unexpected ZeroDivisionError")
+    assert listing(tmp_path / "out") is None
+
+
 @pytest.mark.slow
 def test_a_failed_write_names_its_cause_and_leaves_no_partial_set(scans, converted_small, env, tmp_path):
     """The disk fills while the label map is written: the cause (not MONAI's "cannot find a suitable writer"), and

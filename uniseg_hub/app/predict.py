@@ -172,20 +172,26 @@ def predict(
 
 def _segment(workflow, options: PredictOptions, layout, names, postfix: str, start: float,
              inputs: Sequence[str]) -> Prediction:
-    """Run the claimed prediction: the bundle's workflow, then the preview and the volume tables."""
-    cases = run_workflow(workflow)
-    if len(cases) != 1:
-        raise RuntimeError(f"the bundle segmented {len(cases)} cases for one input")
-    model, tasks = (_typed(workflow.parser.get_parsed_content, name) for name in ("network", "tasks"))
-    result = write_companions(cases[0], options, layout, names, postfix, model, tasks[0], inputs[0])
+    """Run the claimed prediction: the bundle's workflow, then the preview and the volume tables (the last steps
+    of the writing bar, ``pipeline.progress``)."""
+    bars = _typed(workflow.parser.get_parsed_content, "stage_progress")
+    try:
+        cases = run_workflow(workflow)
+        if len(cases) != 1:
+            raise RuntimeError(f"the bundle segmented {len(cases)} cases for one input")
+        model, tasks = (_typed(workflow.parser.get_parsed_content, name) for name in ("network", "tasks"))
+        result = write_companions(cases[0], options, layout, names, postfix, model, tasks[0], inputs[0], bars)
+    finally:
+        bars.end()  # a failure leaves no bar open above its error line
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
 def write_companions(case: dict, options: PredictOptions, layout, names, postfix: str, model, task,
-                     source: str) -> Prediction:
+                     source: str, progress=None) -> Prediction:
     """The preview and the volume tables of one segmented case (``case_outputs``), beside its label map; ``model``
-    and ``task`` (the first of the run's tasks) and the ``source`` input name the preview's title and window."""
+    and ``task`` (the first of the run's tasks) and the ``source`` input name the preview's title and window.
+    ``progress``: the run's ``pipeline.progress.StageBars``, told of each file written (``companion_writes``)."""
     from .report import label_volumes, render_preview, write_volume_tables
 
     result = Prediction(label_map=case["label_map"], task=postfix, seconds=0.0,
@@ -194,6 +200,8 @@ def write_companions(case: dict, options: PredictOptions, layout, names, postfix
     result.volumes = label_volumes(case["labels"], case["affine"], names)
     write_volume_tables(result.volumes, Path(files["volumes_json"]), Path(files["volumes_csv"]))
     result.volumes_json, result.volumes_csv = files["volumes_json"], files["volumes_csv"]
+    if progress is not None:
+        progress.step("volume tables")
     # output formats (written by the bundle: pipeline.label_files) and the titled, windowed preview
     from .report import preview_title
 
@@ -204,7 +212,14 @@ def write_companions(case: dict, options: PredictOptions, layout, names, postfix
                        title=preview_title(source, postfix, model, options.weights),
                        window="ct" if task.channels[0] == "CT" else "percentile")
         result.preview = files["preview"]
+        if progress is not None:
+            progress.step("preview")
     return result
+
+
+def companion_writes(options: PredictOptions) -> int:
+    """The writing steps of ``write_companions``: the volume tables, and the preview if there is one."""
+    return 1 + int(bool(options.preview))
 
 
 def companions(layout, label_map: str, preview: bool = True, fmt: str = "nifti") -> dict[str, str]:
@@ -228,6 +243,7 @@ def bundle_overrides(options: PredictOptions, inputs: Sequence[str]) -> dict:
                  "resampling": options.resampling, "nan": options.nan,
                  "normalization_mask": options.normalization_mask, "window": options.window}
     overrides["format"] = options.format
+    overrides["stage_progress#writes"] = 1 + companion_writes(options)  # the bundle's postprocessing, then ours
     overrides["precision"] = options.precision  # speed options (issue 17); options.tta is a level, --fast applied
     if options.device is not None:
         overrides["device"] = f"$torch.device({options.device!r})"

@@ -130,7 +130,8 @@ class NnUNetSplitter(Splitter):
         locations = self.locations(spatial)
         count = len(locations)
         if self.progress and has_tqdm:
-            locations = tqdm(locations, desc=f"sliding window ({count} windows)", unit="window")
+            label = f"sliding window ({count} window{'' if count == 1 else 's'})"  # the count is also the total
+            locations = tqdm(locations, desc=label, unit="window")
         start = perf_counter()
         for index, location in enumerate(locations):
             if index == 1:  # PatchInferer asks for the second window once the network has run on the first
