@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import SMALL_PATCH
 
-from uniseg_hub import UniSeg, UnknownTaskError, cli
+from uniseg_hub import ManifestError, UniSeg, UnknownTaskError, cli
 from uniseg_hub.app import publish as publishing
 from uniseg_hub.app.evaluate import evaluate
+from uniseg_hub.config import ManifestEntry, UniSegConfig
 from uniseg_hub.palette import PALETTE, TISSUE, colour, segments
 from uniseg_hub.pipeline import MergeTasksd, resolve_tasks
 from uniseg_hub.pretrained import model_tasks
@@ -117,7 +118,7 @@ def test_the_bundle_runs_an_added_task_from_the_model_folder(knee_model, mr, tmp
                           "--preview", "False")
     bundle = bundle_dir()
     run(config_file=str(bundle / "configs" / "inference.json"), meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"), bundle_root=str(bundle), weights=str(knee_model),
+        logging_file=False, bundle_root=str(bundle), weights=str(knee_model),
         input=str(mr), output_dir=str(tmp_path / "bundle"), task="knee", modality="MR", tta=False)
     bundle_map = nib.load(tmp_path / "bundle" / "mr_knee.nii.gz")
     np.testing.assert_array_equal(np.asanyarray(bundle_map.dataobj),
@@ -150,4 +151,12 @@ def test_info_evaluate_and_the_model_card_list_the_model_tasks(knee_model, mr, t
     card = (tmp_path / "card" / "README.md").read_text()
     assert "## Tasks" in card and "| `knee` | 11 | MR | T2 | femoral cartilage, tibial cartilage | 3 x 3 x 3 |" in card
     assert "| `liver` | 0 | CT | CT | liver, liver tumour |" in card
-    assert list(result["entry"].preprocessing["tasks"]) == [*OFFICIAL_TASKS.names(), "knee"]
+    entry = result["entry"]
+    assert list(entry.preprocessing["tasks"]) == [*OFFICIAL_TASKS.names(), "knee"] and entry.tasks == TABLE
+    # the manifest entry carries the table: a published model's tasks are known before anything is downloaded
+    listed = {**entry.to_dict(), "revision": "0" * 40}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"schema_version": 1, "models": [listed]}))
+    assert model_tasks("uniseg-knee", manifest=str(manifest)) == TABLE
+    with pytest.raises(ManifestError, match="tasks lists 12 tasks, but the architecture has 11"):
+        ManifestEntry.from_dict({**listed, "architecture": UniSegConfig().to_dict()})

@@ -125,6 +125,8 @@ def _entry(name: str, description, repo_id: str, checkpoint: Checkpoint, weights
         "format": "safetensors", "license": base.license.to_dict(), "architecture": config.to_dict(),
         "preprocessing": preprocessing, "source": source,
     }
+    if checkpoint.tasks is not None and not checkpoint.tasks.official:  # predict reads them before downloading
+        entry["tasks"] = checkpoint.tasks.to_json()
     return ManifestEntry.from_dict(entry, "the new manifest entry", require_revision=False)
 
 

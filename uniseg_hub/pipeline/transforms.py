@@ -140,7 +140,8 @@ class ZeroNaNd(MapTransform):
 
 
 class NormalizeTaskd(MapTransform):
-    """The official intensity normalisation of a task, channel by channel (``uniseg_hub.tasks``).
+    """The official intensity normalisation of a task, channel by channel (``uniseg_hub.tasks``): a ``Task`` of the
+    model's table (an added one too), or an official task's name or id.
 
     ``ct_window``: clip to [-325, 325] HU and scale to [0, 1]; ``zscore``: per-image (x - mean) / std, over the
     non-zero voxels only (zero outside) for tasks with ``nonzero_mask`` (BraTS) when ``mask`` is ``"training"``
