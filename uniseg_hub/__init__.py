@@ -36,7 +36,7 @@ from .errors import (  # noqa: E402
 _LAZY = {
     "UniSeg": "pretrained", "UniSegBackbone": "pretrained", "UniSegEncoder": "networks",
     "UniSegConfig": "config", "ManifestEntry": "config",
-    "load_encoder": "pretrained", "load_model": "pretrained",
+    "load_encoder": "pretrained", "load_model": "pretrained", "model_tasks": "pretrained",
     "convert_checkpoint": "weights",
     "download": "upstream", "verify": "upstream", "list_models": "hub", "model_info": "hub", "load_manifest": "hub",
     "publish": "app.publish", "preprocess": "app.preprocess", "postprocess": "app.preprocess",
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and IDEs
     from .config import ManifestEntry, UniSegConfig  # noqa: F401
     from .hub import list_models, load_manifest, model_info  # noqa: F401
     from .networks import UniSegEncoder  # noqa: F401
-    from .pretrained import UniSeg, UniSegBackbone, load_encoder, load_model  # noqa: F401
+    from .pretrained import UniSeg, UniSegBackbone, load_encoder, load_model, model_tasks  # noqa: F401
     from .upstream import download, verify  # noqa: F401
     from .weights import convert_checkpoint  # noqa: F401
 

@@ -64,18 +64,31 @@ def list_models(*, manifest=None, json: bool = False) -> None:
 
 
 def info(name: str, *, cache_dir=None, manifest=None, json: bool = False) -> None:
-    """Show a model's manifest entry: repository and commit, file, licence, architecture, preprocessing, source,
-    and whether it is in the cache.
+    """Show a model's manifest entry: repository and commit, file, licence, architecture, preprocessing, tasks,
+    source, and whether it is in the cache; or, for a model folder or Hub repository, its configuration and tasks.
 
     Args:
-        name: a model name (see `uniseg-hub list`).
+        name: a model name (see `uniseg-hub list`), a folder written by `uniseg-hub convert` or `add-task`, or a Hub
+            repository (ORG/NAME[@REVISION]).
         cache_dir: the huggingface_hub cache to look in (default HF_HUB_CACHE).
         manifest: another weights manifest than UNISEG_HUB_MANIFEST or the shipped one.
-        json: print the entry (plus "cache") as JSON.
+        json: print the entry (plus "cache") as JSON; for a folder its config.json with the task table ("tasks").
     """
-    from .hub import manifest_entry
+    from .hub import load_manifest, manifest_entry
     from .upstream import cache_status
 
+    if os.path.exists(name) or name not in load_manifest(manifest).models:
+        from .pretrained import checkpoint_info
+
+        document = checkpoint_info(name, cache_dir=cache_dir, manifest=manifest)
+        tasks = document["tasks"] or []
+        lines = [f"{name}: {document['architecture']} " + ", ".join(f"{k} {v}" for k, v in document["config"].items()
+                                                                  if k in ("features", "patch_size", "added_tasks")),
+                 f"tasks ({len(tasks)}):" if tasks else "tasks: none (a downstream backbone)",
+                 *[f"  {t['name']} ({t['id']}): {t['group']}, channels {t['channels']}, spacing {t['spacing']} mm, "
+                   f"labels {t['labels']}" for t in tasks]]
+        emit(document, json, "\n".join(lines))
+        return
     entry = manifest_entry(name, manifest)
     status = cache_status(name, cache_dir, manifest)
     arch, pre, src, lic = (entry.architecture.to_dict(), entry.preprocessing.to_dict(), entry.source,
@@ -274,7 +287,8 @@ def predict(*inputs: str, task: str = "liver", out: str = "uniseg-output", model
     Args:
         inputs: the scan: one file or folder, or one file per channel; or a cohort (folder, glob, datalist).
         task: liver, kidney, hepatic_vessel, pancreas, colon, lung, spleen, vertebrae, prostate, brats, autopet, an
-            id 0-10, or all (every task of the input's modality; the encoder is shared).
+            id 0-10, a task the model adds (`uniseg-hub info MODEL` lists them), or all (every task of the input's
+            modality and channel count; the encoder is shared).
         out: output folder; <case>_<task>.nii.gz, _preview.png, _volumes.json/.csv (and _probabilities.nii.gz).
         model: a model name of the manifest (see `uniseg-hub list`), a folder written by `uniseg-hub convert`, or a
             Hub repository written by `uniseg-hub publish` (ORG/NAME or ORG/NAME@REVISION).
@@ -507,7 +521,7 @@ def _agreement_table(rows) -> str:
                       "another model, not ground truth):", *lines])
 
 
-def evaluate(predictions: str, labels=None, *, task=None, out: str = "uniseg-evaluation",
+def evaluate(predictions: str, labels=None, *, task=None, model=None, out: str = "uniseg-evaluation",
              dice_empty: str = "exclude", hd95: bool = True, nsd: bool = True, nsd_tolerance: float = 2.0,
              overwrite: bool = False, progress: bool = True, json: bool = False) -> None:
     """Score label maps against reference labels: Dice, HD95 and normalised surface Dice per case and label.
@@ -521,6 +535,8 @@ def evaluate(predictions: str, labels=None, *, task=None, out: str = "uniseg-eva
         labels: the folder of reference label maps (<case>.nii.gz), on the predictions' grid.
         task: the task whose label names the report uses, or all (the merged all-tasks labels); default: the task
             in the predictions' names.
+        model: the model whose tasks name the labels (a folder, Hub repository or model name; needed for tasks
+            added with add-task); default the official eleven tasks.
         out: the report folder.
         dice_empty: a label absent from both prediction and reference: exclude (official downstream rule: left out
             of the means), one (counts 1.0, UniSeg's upstream evaluation) or monai (MONAI's DiceMetric default).
@@ -539,7 +555,7 @@ def evaluate(predictions: str, labels=None, *, task=None, out: str = "uniseg-eva
         usage_error("evaluate", f"--dice-empty must be one of {', '.join(DICE_EMPTY)}, got {dice_empty!r}")
     quiet()
     report = run(predictions, labels, task=task, out_dir=out, dice_empty=dice_empty, hd95=hd95, nsd=nsd,
-                 nsd_tolerance=nsd_tolerance, overwrite=overwrite, progress=progress)
+                 nsd_tolerance=nsd_tolerance, overwrite=overwrite, progress=progress, model=model)
     emit(report, json, _report_table(report))
 
 

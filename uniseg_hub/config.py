@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, asdict, dataclass, fields, replace
 
 from .errors import ConfigError, ManifestError
+from .tasks import TaskTable
 
 FEATURES = (32, 64, 128, 256, 320, 320)
 KERNEL_SIZES = ((3, 3, 1),) + ((3, 3, 3),) * 5
@@ -254,9 +255,9 @@ _URL = re.compile(r"https?://\S+")
 _PINNED = ("repo_id", "revision", "sha256", "size")
 ENTRY_FIELDS = ("name", "description", "published", *_PINNED, "filename", "format", "license", "architecture",
                 "preprocessing", "source")
-"""The fields every manifest entry has (``upstream`` and ``notes`` are optional), in the order the manifest writes
-them."""
-ENTRY_OPTIONAL = ("upstream", "notes")
+"""The fields every manifest entry has (``upstream``, ``notes`` and ``tasks`` are optional), in the order the
+manifest writes them."""
+ENTRY_OPTIONAL = ("upstream", "notes", "tasks")
 LICENSE_FIELDS = ("id", "name", "url", "commercial_use")
 _LICENSE_TEXTS = ("commercial_contact", "notes")
 UPSTREAM_FIELDS = ("url", "filename", "format", "size", "sha256")
@@ -457,6 +458,8 @@ class ManifestEntry:
         upstream: an ``Upstream`` (the original checkpoint, fetched and converted on first use when the entry is
             not published), or None.
         notes: free text, or None.
+        tasks: the model's ``TaskTable`` when it is not the official eleven (tasks added by ``add-task``), as its
+            config.json lists it: what ``predict`` resolves ``--task`` against before any download; else None.
 
     Built from JSON by ``from_dict``, back to JSON by ``to_dict``. Direct construction (and ``dataclasses.replace``)
     runs the same checks; ``license``, ``architecture``, ``preprocessing`` and ``source`` may then be given in
@@ -479,6 +482,7 @@ class ManifestEntry:
     source: FrozenMap
     upstream: Upstream | None = None
     notes: str | None = None
+    tasks: TaskTable | None = None
     where: InitVar[str] = "entry"
     require_revision: InitVar[bool] = True
 
@@ -555,8 +559,17 @@ class ManifestEntry:
                 else Upstream.from_dict(self.upstream)
         except ManifestError as e:
             fail(str(e))
+        tasks = self.tasks
+        if tasks is not None and not isinstance(tasks, TaskTable):
+            try:
+                tasks = TaskTable.from_json(tasks)
+            except ConfigError as e:
+                fail(str(e))
+        if tasks is not None and (architecture.architecture != "UniSeg" or len(tasks) != architecture.total_tasks):
+            fail(f"tasks lists {len(tasks)} tasks, but the architecture has "
+                 f"{architecture.total_tasks if architecture.architecture == 'UniSeg' else 'none'}")
         try:
-            values = {"license": license_, "architecture": architecture, "upstream": upstream,
+            values = {"license": license_, "architecture": architecture, "upstream": upstream, "tasks": tasks,
                       "preprocessing": _json_object(preprocessing, "preprocessing"),
                       "source": _json_object(source, "source")}
         except ManifestError as e:
@@ -581,7 +594,7 @@ class ManifestEntry:
             fail(f"unknown field(s) {', '.join(map(str, unknown))}; the fields are "
                  f"{', '.join(ENTRY_FIELDS + ENTRY_OPTIONAL)}")
         notes = data.get("notes")
-        entry = cls(**{k: data[k] for k in ENTRY_FIELDS}, upstream=data.get("upstream"),
+        entry = cls(**{k: data[k] for k in ENTRY_FIELDS}, upstream=data.get("upstream"), tasks=data.get("tasks"),
                     notes=notes if isinstance(notes, str) else None, where=where, require_revision=require_revision)
         if "notes" in data and not isinstance(notes, str):
             raise ManifestError(f"{where} ({entry.name}): notes must be a string")
@@ -596,6 +609,8 @@ class ManifestEntry:
             out["upstream"] = self.upstream.to_dict()
         if self.notes is not None:
             out["notes"] = self.notes
+        if self.tasks is not None:
+            out["tasks"] = self.tasks.to_json()
         return out
 
 

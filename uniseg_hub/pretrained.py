@@ -42,6 +42,7 @@ from .errors import (
 )
 from .files import sha256_file
 from .networks import UniSegEncoder
+from .tasks import TaskTable
 from .transfer import check_in_channels, to_backbone, to_encoder
 from .upstream import download
 from .weights import (
@@ -120,6 +121,29 @@ def resolve(src, *, pretrained: bool = True, revision=None, cache_dir=None, loca
     state = read_safetensors(file)[1]
     check_tensors(state, f"{src} ({file})", config)
     return config, {**info, "weights": str(file)}, state, f"{src} ({file})"
+
+
+def model_tasks(src: str | os.PathLike, **options) -> TaskTable:
+    """The task table of the universal model ``src`` names (its ``config.json``'s ``tasks``, the official eleven by
+    default), read without building the network or fetching its weights: what the bundle's ``inference.json``
+    resolves ``--task`` against before the model loads. ``options``: ``resolve``'s (revision, cache_dir...)."""
+    config, info, _, label = resolve(src, pretrained=False, **options)
+    table = task_table(info, config, label)
+    if table is None:
+        what = ("a fine-tuned downstream backbone, which has no tasks" if config.architecture == "UniSegBackbone"
+                else f"a universal model with {config.total_tasks} tasks and no task table in its config.json")
+        raise IncompatibleCheckpointError(f"{label} holds {what}; segment with a universal model (e.g. "
+                                          "uniseg-11task) or a folder written by `uniseg-hub add-task`")
+    return table
+
+
+def checkpoint_info(src: str | os.PathLike, **options) -> dict:
+    """What ``uniseg-hub info`` shows of a model outside the manifest (a folder, a Hub repository): its
+    ``config.json`` with ``tasks``, the task table in that file's form (the official eleven included; None for a
+    backbone). ``options``: ``resolve``'s."""
+    config, info, _, label = resolve(src, pretrained=False, **options)
+    table = task_table(info, config, label)
+    return {**info, "tasks": None if table is None else table.to_json()}
 
 
 def _random(model: nn.Module) -> LoadReport:

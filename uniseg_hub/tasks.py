@@ -179,6 +179,21 @@ def task_to_dict(task: Task) -> dict:
             "nonzero_mask": task.nonzero_mask}
 
 
+def _merged_names(tasks) -> dict[int, str]:
+    names = {0: "background"}
+    for t in tasks:
+        for value, label in zip(t.merged_labels, t.labels):
+            names[value] = f"{t.name}: {label}"
+    return names
+
+
+def label_names(tasks) -> dict[int, str]:
+    """The names of the label map that ``tasks`` (of one run) write: one task's own labels, or for several the
+    merged all-tasks map's ``"task: label"`` names of these tasks only."""
+    tasks = tuple(tasks)
+    return tasks[0].label_names if len(tasks) == 1 else _merged_names(tasks)
+
+
 @dataclass(frozen=True)
 class TaskTable:
     """The tasks of one model, in prompt order: the official eleven (``OFFICIAL_TASKS``) or those a model's
@@ -257,11 +272,7 @@ class TaskTable:
 
     def merged_label_names(self, group: str | None = None) -> dict[int, str]:
         """Label value to ``"task: label"`` name in the all-tasks map (optionally one group only)."""
-        names = {0: "background"}
-        for t in (self.tasks if group is None else self.in_group(group)):
-            for value, label in zip(t.merged_labels, t.labels):
-                names[value] = f"{t.name}: {label}"
-        return names
+        return _merged_names(self.tasks if group is None else self.in_group(group))
 
     @property
     def merged_classes(self) -> int:

@@ -210,11 +210,11 @@ class CaseIteration:
     (the claim does) and becomes the case's row; ``fail_fast`` ends the run after it.
     """
 
-    def __init__(self, options: PredictOptions, layout, probabilities_layout, names, postfix: str, task,
+    def __init__(self, options: PredictOptions, layout, probabilities_layout, names, postfix: str, tasks,
                  rank: int = 0, fail_fast: bool = False, on_case: Callable | None = None, total: int = 0):
         self.options, self.layout, self.probabilities_layout = options, layout, probabilities_layout
         self.names, self.postfix, self.rank = names, postfix, rank
-        self.task = task  # the first of the run's tasks: the preview's window
+        self.tasks = tasks  # the run's tasks: the preview's window and colours
         self.fail_fast, self.on_case, self.total = fail_fast, on_case, total
         self.results: list[CaseResult] = []
         self._forward_done: float | None = None
@@ -252,7 +252,7 @@ class CaseIteration:
                 out = engine.state.output[0] if isinstance(engine.state.output, list) else engine.state.output
                 model = getattr(engine.network, "model", engine.network)  # the predictor's network: its version
                 written = write_companions(case_outputs({**item, **out}), self.options, self.layout, self.names,
-                                           self.postfix, model, self.task, subject)
+                                           self.postfix, model, self.tasks, subject)
                 result.label_map = written.label_map
         except Exception as e:  # this case's failure: recorded, the others go on
             result.status, result.error = "failed", describe_error(e)
@@ -342,7 +342,7 @@ def _run(cases: list[dict], options: PredictOptions, ranks: _Ranks, fail_fast: b
     overrides = bundle_overrides(options, [case_subject(cases[0])])
     overrides.update(input="", datalist=cases, overwrite=True, progress=False)
     if channels is not None:
-        overrides["tasks"] = f"$uniseg_hub.pipeline.resolve_tasks(@task, @modality, {int(channels)})"
+        overrides["tasks"] = f"$uniseg_hub.pipeline.resolve_tasks(@task, @modality, {int(channels)}, @task_table)"
     device = _device(options, ranks)
     if device is not None:
         overrides["device"] = f"$torch.device({device!r})"
@@ -364,7 +364,7 @@ def _run(cases: list[dict], options: PredictOptions, ranks: _Ranks, fail_fast: b
             on_case(row, len(cases))
     if not pending:
         return rows
-    iteration = CaseIteration(options, layout, probabilities_layout, names, postfix, parsed("tasks")[0],
+    iteration = CaseIteration(options, layout, probabilities_layout, names, postfix, parsed("tasks"),
                               rank=ranks.rank, fail_fast=fail_fast, on_case=on_case, total=len(cases))
     workflow.parser["datalist"] = pending
     workflow.parser["dataset#transform"] = ("$uniseg_hub.pipeline.cases.GuardedTransform(@preprocessing, "

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..pipeline.cases import IMAGE_SUFFIXES, case_name
-from ..tasks import get_task, merged_label_names, task_names
+from ..tasks import OFFICIAL_TASKS, TaskTable
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +107,15 @@ def pairs_from_datalist(datalist: str | os.PathLike) -> list[Pair]:
     return pairs
 
 
-def guess_task(pairs: list[Pair]) -> str | None:
-    """The task named in every prediction's file name (``<case>_<task>.nii.gz``, as predict writes), if one is."""
+def guess_task(pairs: list[Pair], table: TaskTable = OFFICIAL_TASKS) -> str | None:
+    """The task of ``table`` named in every prediction's file name (``<case>_<task>.nii.gz``, as predict writes), if
+    one is."""
     found = set()
     for pair in pairs:
         name = case_name(pair.pred)
         found.add(name[len(pair.case) + 1:] if name.startswith(pair.case + "_") else None)
     task = found.pop() if len(found) == 1 else None
-    return task if task in (*task_names(), "all") else None
+    return task if task in (*table.names(), "all") else None
 
 
 def _read(path: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -132,15 +133,18 @@ def _read(path: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
 
 def evaluate(predictions: str | os.PathLike, labels: str | os.PathLike | None = None, *, task: str | None = None,
              out_dir: str | os.PathLike = "uniseg-evaluation", dice_empty: str = "exclude", hd95: bool = True,
-             nsd: bool = True, nsd_tolerance: float = 2.0, overwrite: bool = False, progress: bool = True) -> dict:
+             nsd: bool = True, nsd_tolerance: float = 2.0, overwrite: bool = False, progress: bool = True,
+             model: str | os.PathLike | None = None) -> dict:
     """Score label maps against references and write the report into ``out_dir`` (``write_report``).
 
     ``predictions``: a folder of label maps (with ``labels``, a folder of references) or a datalist JSON of
     ``{"pred", "label"}`` items. ``task``: whose label names the report uses (default: the task in the
-    predictions' names, else ``label N``). Returns the report (``write_report``'s dict).
+    predictions' names, else ``label N``), one of ``model``'s tasks (``pretrained.model_tasks``: a model with
+    added tasks names their labels) or of the official eleven. Returns the report (``write_report``'s dict).
     """
     from tqdm import tqdm
 
+    from ..pretrained import model_tasks
     from ..training.evaluation import dice_metric, score_case, write_report
 
     dice_metric(dice_empty)  # an unknown rule is refused before anything is read
@@ -156,19 +160,20 @@ def evaluate(predictions: str | os.PathLike, labels: str | os.PathLike | None = 
                          "too: uniseg-hub evaluate PREDICTIONS LABELS")
     else:
         pairs = pairs_from_folders(source, labels, task)
-    task = task or guess_task(pairs)
+    table = OFFICIAL_TASKS if model is None else model_tasks(model)
+    task = task or guess_task(pairs, table)
     out = Path(out_dir)
     if (out / "report.json").exists() and not overwrite:
         raise InputError(f"{out} already holds a report (report.json); give --overwrite to replace it or choose "
                          "another --out")
-    names = get_task(task).label_names if task and task != "all" else None
+    names = table.get(task).label_names if task and task != "all" else None
     if names is None:  # the label values that occur name the labels: a first pass reads them
         values = set()
         for pair in tqdm(pairs, desc="reading labels", unit="case", disable=not progress):
             for path in (pair.pred, pair.label):
                 values.update(int(v) for v in np.unique(_read(path)[0]) if v > 0)
         if task == "all":  # the all-tasks map: the merged labels that occur, by their "task: label" names
-            merged = merged_label_names()
+            merged = table.merged_label_names()
             names = {v: merged.get(v, f"label {v}") for v in sorted(values)}
         else:
             logger.warning("no task given or found in the predictions' names: labels are named by value; give "

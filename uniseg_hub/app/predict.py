@@ -180,18 +180,19 @@ def _segment(workflow, options: PredictOptions, layout, names, postfix: str, sta
         if len(cases) != 1:
             raise RuntimeError(f"the bundle segmented {len(cases)} cases for one input")
         model, tasks = (_typed(workflow.parser.get_parsed_content, name) for name in ("network", "tasks"))
-        result = write_companions(cases[0], options, layout, names, postfix, model, tasks[0], inputs[0], bars)
+        result = write_companions(cases[0], options, layout, names, postfix, model, tasks, inputs[0], bars)
     finally:
         bars.end()  # a failure leaves no bar open above its error line
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
-def write_companions(case: dict, options: PredictOptions, layout, names, postfix: str, model, task,
+def write_companions(case: dict, options: PredictOptions, layout, names, postfix: str, model, tasks,
                      source: str, progress=None) -> Prediction:
-    """The preview and the volume tables of one segmented case (``case_outputs``), beside its label map; ``model``
-    and ``task`` (the first of the run's tasks) and the ``source`` input name the preview's title and window.
-    ``progress``: the run's ``pipeline.progress.StageBars``, told of each file written (``companion_writes``)."""
+    """The preview and the volume tables of one segmented case (``case_outputs``), beside its label map; ``model``,
+    ``tasks`` (the run's: their first one's channels choose the window, all of them the colours) and the ``source``
+    input name the preview's title, window and colours. ``progress``: the run's ``pipeline.progress.StageBars``,
+    told of each file written (``companion_writes``)."""
     from .report import label_volumes, render_preview, write_volume_tables
 
     result = Prediction(label_map=case["label_map"], task=postfix, seconds=0.0,
@@ -210,7 +211,7 @@ def write_companions(case: dict, options: PredictOptions, layout, names, postfix
     if options.preview:
         render_preview(case["source"], case["labels"], case["affine"], names, Path(files["preview"]),
                        title=preview_title(source, postfix, model, options.weights),
-                       window="ct" if task.channels[0] == "CT" else "percentile")
+                       window="ct" if tasks[0].channels[0] == "CT" else "percentile", tasks=tasks)
         result.preview = files["preview"]
         if progress is not None:
             progress.step("preview")

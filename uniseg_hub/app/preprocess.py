@@ -22,7 +22,9 @@ from .predict import unwrap_error
 def _parser(task, modality: str, overrides: dict) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(config_file("inference.json")))
-    parser.update({"task": task, "modality": modality, "keep_source": False, "overwrite": True, **overrides})
+    # the official eleven tasks: preprocess names no model, so none is read for its task table
+    parser.update({"task": task, "modality": modality, "keep_source": False, "overwrite": True,
+                   "task_table": "$uniseg_hub.tasks.OFFICIAL_TASKS", **overrides})
     return parser
 
 

@@ -42,7 +42,6 @@ from .. import __version__, hub
 from ..config import ManifestEntry
 from ..errors import PublishError, UnisegHubError
 from ..files import sha256_file
-from ..tasks import TASKS
 from ..weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -99,8 +98,8 @@ def _entry(name: str, description, repo_id: str, checkpoint: Checkpoint, weights
             f"comes from {base.source['original_sha256']}: wrong checkpoint, or choose another --name")
     if known and base.architecture == config:
         preprocessing = base.preprocessing.to_dict()
-    elif config.architecture == "UniSeg" and config.num_tasks == len(TASKS):
-        preprocessing = hub.official_preprocessing(config.patch_size)
+    elif checkpoint.tasks is not None:  # a universal model: the official rules for each task of its table
+        preprocessing = hub.official_preprocessing(config.patch_size, checkpoint.tasks)
     else:
         preprocessing = {"axis_order": "MONAI (C, x, y, z)",
                          "note": "not recorded: a fine-tuned model expects the preprocessing of its own training"}
@@ -126,6 +125,8 @@ def _entry(name: str, description, repo_id: str, checkpoint: Checkpoint, weights
         "format": "safetensors", "license": base.license.to_dict(), "architecture": config.to_dict(),
         "preprocessing": preprocessing, "source": source,
     }
+    if checkpoint.tasks is not None and not checkpoint.tasks.official:  # predict reads them before downloading
+        entry["tasks"] = checkpoint.tasks.to_json()
     return ManifestEntry.from_dict(entry, "the new manifest entry", require_revision=False)
 
 
@@ -153,6 +154,20 @@ model = monai.bundle.load(**where, workflow_type="inference")  # the universal m
 See `docs/README.md` for running inference, evaluation and fine-tuning with it.
 """ if with_bundle else "")
     original = f", from {source['original_url']}" if source.get("original_url") else ""
+    tasks = entry.preprocessing.get("tasks") or {}
+    task_rows = "".join(
+        f"| `{name}` | {t['id']} | {t['group']} | {', '.join(t['channels'])} | "
+        f"{', '.join(v for k, v in t['labels'].items() if k != '0')} | {' x '.join(f'{z:g}' for z in t['spacing'])} |\n"
+        for name, t in tasks.items())
+    task_table = (f"""
+## Tasks
+
+`uniseg-hub predict SCAN --task NAME --model {repo_id}` segments one of these tasks (`--task all`: every task of
+the scan's modality).
+
+| task | id | group | channels | labels | spacing (mm) |
+|---|---|---|---|---|---|
+{task_rows}""" if tasks else "")
     return f"""---
 {data.to_yaml()}
 ---
@@ -183,7 +198,7 @@ from uniseg_hub import load_model
 
 model = load_model(snapshot_download("{repo_id}", allow_patterns=["{WEIGHTS_FILE}", "{CONFIG_FILE}"]))
 ```
-{bundle}
+{task_table}{bundle}
 ## Files
 
 | file | bytes | sha256 |

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -31,7 +31,8 @@ from scipy import ndimage  # noqa: E402
 
 from ..errors import ConfigError  # noqa: E402
 from ..files import atomic_path, write_text_atomic  # noqa: E402
-from ..palette import PALETTE, segment  # noqa: E402
+from ..palette import colour, segments  # noqa: E402
+from ..tasks import Task  # noqa: E402
 
 PREVIEW_SIZE = (1500, 560)
 """Width and height of the preview PNG in pixels."""
@@ -46,14 +47,6 @@ PERCENTILES = (1.0, 99.0)
 
 OVERLAY_ALPHA = 0.5
 """Opacity of the label colours over the scan."""
-
-
-def label_colour(value: int, name: str | None = None) -> tuple[float, float, float]:
-    """The colour of label ``value`` (named ``name``) in [0, 1]: its structure's colour (``palette``), the same in
-    every preview, colour table and segmentation file."""
-    if name is None:
-        return tuple(c / 255.0 for c in PALETTE[(value - 1) % len(PALETTE)])
-    return segment(value, name).colour_float
 
 
 def label_volumes(labels, affine, label_names: Mapping[int, str]) -> list[dict]:
@@ -172,7 +165,7 @@ def _fit_legend(area, entries, renderer):
 
 
 def render_preview(image, labels, affine, label_names: Mapping[int, str], png_path: str | Path,
-                   title: str = "", window="percentile") -> dict:
+                   title: str = "", window="percentile", tasks: Sequence[Task] = ()) -> dict:
     """Axial, coronal and sagittal slices through the largest segmented structure, labels overlaid, with a legend.
 
     ``image``: the scan, (x, y, z) or channel-first (C, x, y, z) (the first channel is shown); ``labels``: the label
@@ -180,7 +173,8 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
     (soft tissue), ``"percentile"`` (MR, PET) or (low, high) (``display_window``). Both are shown in the closest
     canonical (RAS) orientation, drawn radiologically (``VIEWS``), with the voxel spacing as aspect ratio. Returns
     what was drawn: slice indices, focused label, labels shown, the window, and per view its letters and its box
-    in the PNG's pixels (left, top, right, bottom), and the legend's box and font size.
+    in the PNG's pixels (left, top, right, bottom), and the legend's box and font size. ``tasks``: whose map
+    ``labels`` is, for the colours (``palette.segments``).
     """
     image, labels = np.asarray(image), np.asarray(labels)
     image = image[0] if image.ndim == 4 else image
@@ -193,9 +187,12 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
     (x, y, z), focus = _focus(labels)
     low, high = display_window(data, window)
     present = [int(v) for v in np.unique(labels) if v > 0]
+    # each label in its colour (palette.segments: the same in every file), a value no name covers by its value
+    colours = {s.value: s.colour_float for s in segments(label_names, tasks)}
+    colours.update({v: tuple(c / 255.0 for c in colour(v)) for v in present if v not in colours})
     lut = np.zeros((max(present + [0]) + 1, 4))
     for v in present:
-        lut[v] = (*label_colour(v, label_names.get(v)), OVERLAY_ALPHA)
+        lut[v] = (*colours[v], OVERLAY_ALPHA)
     grey = np.clip((np.nan_to_num(data, nan=low) - low) / (high - low), 0, 1)
     width, height = PREVIEW_SIZE
     figure = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="black")
@@ -221,7 +218,7 @@ def render_preview(image, labels, affine, label_names: Mapping[int, str], png_pa
         views[name] = {"ax": ax, "letters": letters, "index": index}
     area = figure.add_axes((0.775, 0.03, 0.22, 0.83))
     area.set_axis_off()
-    entries = [(label_colour(v, label_names.get(v)), f"{v}: {label_names.get(v, '?')}") for v in present]
+    entries = [(colours[v], f"{v}: {label_names.get(v, '?')}") for v in present]
     renderer = figure.canvas.get_renderer()
     legend, font = None, None
     if entries:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import ManifestEntry
 from ..errors import ManifestError, NotPublishedError, UnknownModelError
-from ..tasks import CT_WINDOW, TASKS, ZSCORE_EPS
+from ..tasks import CT_WINDOW, OFFICIAL_TASKS, ZSCORE_EPS, TaskTable
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,9 @@ def model_info(name: str, manifest=None) -> dict:
     return manifest_entry(name, manifest).to_dict()
 
 
-def official_preprocessing(patch_size) -> dict:
-    """The preprocessing block of the official 11-task model, written from ``uniseg_hub.tasks``."""
+def official_preprocessing(patch_size, tasks: TaskTable = OFFICIAL_TASKS) -> dict:
+    """The preprocessing block of a universal model: the official rules, per task of ``tasks`` (the model's table;
+    the official eleven by default), written from ``uniseg_hub.tasks``."""
     low, high = CT_WINDOW
     return {
         "axis_order": "MONAI (C, x, y, z); the official nnU-Net code works in (z, y, x)",
@@ -178,5 +179,5 @@ def official_preprocessing(patch_size) -> dict:
             "id": t.id, "group": t.group, "channels": list(t.channels), "normalization": list(t.normalization),
             "nonzero_mask": t.nonzero_mask, "spacing": list(t.spacing),
             "labels": {str(k): v for k, v in t.label_names.items()},
-        } for t in TASKS},
+        } for t in tasks},
     }

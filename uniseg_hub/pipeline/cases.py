@@ -14,25 +14,27 @@ import numpy as np
 from monai.data import FolderLayoutBase
 
 from ..errors import InputError
-from ..tasks import GROUPS, Task, get_task, tasks_in_group
+from ..tasks import OFFICIAL_TASKS, Task, TaskTable
 from .nifti_io import NiftiReader
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 
-MERGED_CLASSES = 1 + max(v for g in GROUPS for t in tasks_in_group(g) for v in t.merged_labels)
-"""Channels of the one-hot all-tasks map: background plus the 17 merged labels."""
+MERGED_CLASSES = OFFICIAL_TASKS.merged_classes
+"""Channels of the official one-hot all-tasks map: background plus the 17 merged labels."""
 
 
-def resolve_tasks(task: int | str, modality: str = "CT", channels: int | None = None) -> tuple[Task, ...]:
-    """The tasks to run: one task, or for ``"all"`` every task of the modality group that takes ``channels``.
+def resolve_tasks(task: int | str, modality: str = "CT", channels: int | None = None,
+                  table: TaskTable = OFFICIAL_TASKS) -> tuple[Task, ...]:
+    """The tasks of ``table`` (the model's, ``pretrained.model_tasks``) to run: one task, or for ``"all"`` every
+    task of the modality group that takes ``channels``.
 
     For ``"all"`` the group is PET-CT for 2-channel and MR for 4-channel input, else ``modality`` (CT or MR).
     The official code runs all tasks for CT only (its MR and PET-CT branches index tasks that do not exist); this
     runs the matching tasks of every group.
     """
     if str(task).strip().lower() != "all":
-        one = get_task(task)
+        one = table.get(task)
         if channels is not None and channels != one.num_channels:
             raise InputError(
                 f"task {one.name} takes {one.num_channels} channel(s) ({', '.join(one.channels)}), but the input has "
@@ -41,10 +43,11 @@ def resolve_tasks(task: int | str, modality: str = "CT", channels: int | None = 
         return (one,)
     channels = channels or 1
     group = {2: "PET-CT", 4: "MR"}.get(channels, modality)
-    chosen = tuple(t for t in tasks_in_group(group) if t.num_channels == channels)
+    chosen = tuple(t for t in table.in_group(group) if t.num_channels == channels)
     if not chosen:
-        raise InputError(f"no {group} task takes {channels}-channel input; UniSeg takes 1 (CT, MR), 2 (CT+PET) or 4 "
-                         "(BraTS MR) channels")
+        takes = sorted({t.num_channels for t in table})
+        raise InputError(f"no {group} task takes {channels}-channel input; this model's tasks take "
+                         f"{', '.join(map(str, takes))} channel(s)")
     return chosen
 
 

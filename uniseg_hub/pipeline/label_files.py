@@ -22,7 +22,7 @@ Every file is written atomically (``files.atomic_path``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from monai.transforms import MapTransform
 from ..errors import InputError, UnisegHubError
 from ..files import atomic_path
 from ..palette import Segment, colour_table_paths, segments, write_colour_tables
+from ..tasks import Task
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 """MONAI's affines map voxels to RAS; DICOM and NRRD files here are in LPS."""
@@ -63,9 +64,10 @@ def terminology_entry(s: Segment) -> str:
                      "Anatomic codes - DICOM master list", code(s.region), "^^"])
 
 
-def write_seg_nrrd(labels, affine, label_names: Mapping[int, str], path) -> None:
+def write_seg_nrrd(labels, affine, label_names: Mapping[int, str], path, tasks: Sequence[Task] = ()) -> None:
     """3D Slicer's ``.seg.nrrd``: the (x, y, z) ``labels`` on the grid of the RAS ``affine``, one segment per label
-    of ``label_names`` with name, value, colour, extent and terminology in the header."""
+    of ``label_names`` (of ``tasks``' map: ``palette.segments``) with name, value, colour, extent and terminology in
+    the header."""
     import nrrd
 
     labels = np.asarray(labels)
@@ -78,7 +80,7 @@ def write_seg_nrrd(labels, affine, label_names: Mapping[int, str], path) -> None
               "Segmentation_SourceRepresentation": "Binary labelmap",
               "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
               "Segmentation_ReferenceImageExtentOffset": "0 0 0"}
-    for n, s in enumerate(segments(label_names)):
+    for n, s in enumerate(segments(label_names, tasks)):
         where = np.nonzero(labels == s.value)
         extent = " ".join(f"{int(w.min())} {int(w.max())}" for w in where) if where[0].size else "0 -1 0 -1 0 -1"
         header.update({f"Segment{n}_ID": f"Segment_{s.value}", f"Segment{n}_Name": _ascii(s.name),
@@ -211,11 +213,12 @@ def _coded(hd, code):
 
 
 def write_dicom_seg(labels, affine, label_names: Mapping[int, str], series_folder, path, *,
-                    model: str = "UniSeg", software_version: str = "", description: str = "UniSeg") -> dict:
+                    model: str = "UniSeg", software_version: str = "", description: str = "UniSeg",
+                    tasks: Sequence[Task] = ()) -> dict:
     """A DICOM Segmentation of ``labels`` (the (x, y, z) label map on the grid of the RAS ``affine``) that
     references the instances of the DICOM series in ``series_folder``: one binary segment per label of
-    ``label_names``, with its name, codes and recommended display colour; segment ``n`` is the ``n``-th label in
-    value order. Returns what it referenced."""
+    ``label_names`` (of ``tasks``' map: ``palette.segments``), with its name, codes and recommended display colour;
+    segment ``n`` is the ``n``-th label in value order. Returns what it referenced."""
     hd = _highdicom()
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -226,7 +229,7 @@ def write_dicom_seg(labels, affine, label_names: Mapping[int, str], series_folde
     frames = source_frames(labels, affine, instances)
     algorithm = hd.AlgorithmIdentificationSequence(name="UniSeg", version=model[:64],
                                                    family=codes.cid7162.ArtificialIntelligence)
-    described = segments(label_names)
+    described = segments(label_names, tasks)
     descriptions = [hd.seg.SegmentDescription(
         segment_number=number, segment_label=s.name[:64], segmented_property_category=_coded(hd, s.category),
         segmented_property_type=_coded(hd, s.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -265,18 +268,21 @@ def model_version(model, source: str = "") -> str:
 
 class SaveColourTablesd(MapTransform):
     """After ``SaveImaged(savepath_in_metadict=True)``: beside each saved label map (its ``meta["saved_to"]``), the
-    colour tables of ``label_names`` (label value to name), written atomically."""
+    colour tables of ``label_names`` (label value to name; the map of ``tasks``: ``palette.segments``), written
+    atomically."""
 
-    def __init__(self, keys, label_names: Mapping[int, str], allow_missing_keys: bool = False):
+    def __init__(self, keys, label_names: Mapping[int, str], allow_missing_keys: bool = False,
+                 tasks: Sequence[Task] = ()):
         super().__init__(keys, allow_missing_keys)
         self.label_names = {int(v): str(n) for v, n in dict(label_names).items()}
+        self.tasks = tuple(tasks)
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             saved = getattr(d[key], "meta", {}).get("saved_to")
             if saved:
-                write_colour_tables(str(saved), self.label_names)
+                write_colour_tables(str(saved), self.label_names, self.tasks)
         return d
 
 
@@ -284,16 +290,18 @@ class SaveLabelFormatd(MapTransform):
     """After ``SaveImaged(savepath_in_metadict=True)``: the saved label map also as ``format`` (``config.FORMATS``;
     ``nifti`` writes nothing more), at ``output_paths(saved_to, format)["converted"]``. ``dicom-seg`` references
     the case's input series (``meta["filename_or_obj"]``); ``datalist``, if given, is checked for DICOM series
-    folders when the transform is built (``check_format_inputs``), before anything runs."""
+    folders when the transform is built (``check_format_inputs``), before anything runs. ``tasks``: whose map it
+    is (``palette.segments``)."""
 
     def __init__(self, keys, format: str = "nifti", label_names: Mapping[int, str] | None = None,
-                 model: str = "UniSeg", datalist=None, allow_missing_keys: bool = False):
+                 model: str = "UniSeg", datalist=None, allow_missing_keys: bool = False, tasks: Sequence[Task] = ()):
         from ..config import FORMATS, choice
 
         super().__init__(keys, allow_missing_keys)
         self.format = choice(format, "format", FORMATS)
         self.label_names = {int(v): str(n) for v, n in dict(label_names or {}).items()}
         self.model = str(model)
+        self.tasks = tuple(tasks)
         if datalist is not None:
             check_format_inputs(self.format, list(datalist))
 
@@ -310,10 +318,10 @@ class SaveLabelFormatd(MapTransform):
             labels = np.asarray(pred.detach().cpu()[0]).astype(np.uint8)
             affine = np.asarray(pred.affine.detach().cpu(), dtype=np.float64)
             if self.format == "seg.nrrd":
-                write_seg_nrrd(labels, affine, self.label_names, path)
+                write_seg_nrrd(labels, affine, self.label_names, path, self.tasks)
             else:
                 write_dicom_seg(labels, affine, self.label_names, str(pred.meta["filename_or_obj"]), path,
                                 model=self.model, software_version=f"uniseg-hub {__version__}",
-                                description=f"UniSeg {Path(path).name[: -len('_seg.dcm')]}")
+                                description=f"UniSeg {Path(path).name[: -len('_seg.dcm')]}", tasks=self.tasks)
             pred.meta["converted_to"] = path
         return d

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import parse_bool, parse_precision, parse_tta
 from ..cpu import native_bf16, prepare_for_inference
 from ..errors import ConfigError
-from ..tasks import HEAD_CHANNELS, Task
+from ..tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,9 @@ class TaskPredictor(MirroredPredictor):
         tasks: one task, or several for the all-tasks mode (the encoder runs once per window and flip).
         mirror, amp, cpu_fast_path, precision, compile: as ``MirroredPredictor``.
         crop_classes: keep the task's first C_t channels of the softmax (the official single-task output, K = C_t);
-            off keeps all head channels. The all-tasks mode always returns all head channels of every task
-            (K = 4 x tasks), because the official merge takes the argmax over all of them.
+            off keeps all its logit channels (``UniSeg.output_channels``: the 4 head channels of a prompted task,
+            an added task's own C_t). The all-tasks mode always returns all channels of every task, one after the
+            other, because the official merge takes the argmax over all of them.
     """
 
     def __init__(self, model: nn.Module, tasks: Sequence[Task], mirror: bool | int = True, crop_classes: bool = True,
@@ -153,16 +154,12 @@ class TaskPredictor(MirroredPredictor):
         self.tasks = tuple(tasks)
         self.crop_classes = parse_bool(crop_classes) and len(self.tasks) == 1
 
-    @property
-    def out_channels(self) -> int:
-        return self.tasks[0].num_classes if self.crop_classes else HEAD_CHANNELS * len(self.tasks)
-
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model.decode_tasks(self.model.encode(x), [t.id for t in self.tasks])
         return torch.cat([one.float().softmax(1) for one in logits], 1)
 
     def crop(self, probabilities: torch.Tensor) -> torch.Tensor:
-        return probabilities[:, : self.out_channels] if self.crop_classes else probabilities
+        return probabilities[:, : self.tasks[0].num_classes] if self.crop_classes else probabilities
 
 
 class BackbonePredictor(MirroredPredictor):

@@ -140,7 +140,8 @@ class ZeroNaNd(MapTransform):
 
 
 class NormalizeTaskd(MapTransform):
-    """The official intensity normalisation of a task, channel by channel (``uniseg_hub.tasks``).
+    """The official intensity normalisation of a task, channel by channel (``uniseg_hub.tasks``): a ``Task`` of the
+    model's table (an added one too), or an official task's name or id.
 
     ``ct_window``: clip to [-325, 325] HU and scale to [0, 1]; ``zscore``: per-image (x - mean) / std, over the
     non-zero voxels only (zero outside) for tasks with ``nonzero_mask`` (BraTS) when ``mask`` is ``"training"``
@@ -151,7 +152,7 @@ class NormalizeTaskd(MapTransform):
     def __init__(self, keys: KeysCollection, task: int | str | Task, mask: str = "training",
                  allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.task = get_task(task)
+        self.task = task if isinstance(task, Task) else get_task(task)  # a Task: the model's, maybe added
         low, high = CT_WINDOW
         self.window = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
         nonzero = self.task.nonzero_mask and choice(mask, "normalization_mask", NORMALIZATION_MASKS) == "training"
@@ -177,10 +178,12 @@ def _like(reference, array: torch.Tensor):
 
 
 class MergeTasksd(MapTransform):
-    """The official all-tasks label map, one-hot: per task argmax over its head channels, label ``i`` (1-based)
+    """The official all-tasks label map, one-hot: per task argmax over its channels, label ``i`` (1-based)
     becomes the task's merged value, later tasks overwrite earlier ones; argmax values beyond the task's labels are
-    ignored, as in the official ``predict.py``. Input (4 x tasks, *S) probabilities, output (K, *S) with
-    K = 1 + the largest merged value these tasks can produce (3 for liver alone, 13 for all CT tasks, at most 18).
+    ignored, as in the official ``predict.py``. Input (sum of ``channels``, *S) probabilities, the tasks' one after
+    the other; ``channels`` per task (``UniSeg.output_channels``) defaults to the official shared head's 4 each.
+    Output (K, *S) with K = 1 + the largest merged value these tasks can produce (3 for liver alone, 13 for all CT
+    tasks, 18 for the official eleven).
 
     The one-hot map holds only the channels the tasks can produce: the channels above them would be all zero, stay
     zero through the linear resampling back (``resampling.InvertToInputd``), and never win the final argmax (which
@@ -188,17 +191,22 @@ class MergeTasksd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, tasks: Sequence[Task], allow_missing_keys: bool = False,
-                 probabilities: bool = False):
+                 probabilities: bool = False, channels: Sequence[int] | None = None):
         super().__init__(keys, allow_missing_keys)
         self.tasks = tuple(tasks)
+        self.channels = tuple(channels) if channels is not None else (HEAD_CHANNELS,) * len(self.tasks)
+        if len(self.channels) != len(self.tasks):
+            raise ConfigError(f"MergeTasksd: {len(self.channels)} channel counts for {len(self.tasks)} tasks")
         if len(self.tasks) > 1 and parse_bool(probabilities, "save_probabilities"):
             raise ConfigError(ALL_TASKS_PROBABILITIES)  # the merged one-hot map is no probability map
         self.num_classes = 1 + max((v for t in self.tasks for v in t.merged_labels), default=0)
 
     def merge(self, probs: torch.Tensor) -> torch.Tensor:
         merged = torch.zeros(probs.shape[1:], dtype=torch.long, device=probs.device)
-        for k, task in enumerate(self.tasks):
-            labels = probs[k * HEAD_CHANNELS : (k + 1) * HEAD_CHANNELS].argmax(0)
+        start = 0
+        for task, count in zip(self.tasks, self.channels):
+            labels = probs[start : start + count].argmax(0)
+            start += count
             for index, value in enumerate(task.merged_labels, start=1):
                 merged[labels == index] = value
         return merged
