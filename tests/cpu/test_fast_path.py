@@ -363,3 +363,37 @@ def test_channels_last_instance_norm_is_as_accurate_as_instance_norm(mean, monke
     error_reference = (reference.double() - exact).abs().max().item()
     error = (out.double() - exact).abs().max().item()
     assert error <= 4 * error_reference + 1e-6, (error, error_reference)
+
+
+def test_the_norm_runs_on_norm_threads_and_restores_the_callers_count(monkeypatch):
+    """The fused norm's many small operations run on ``NORM_THREADS`` threads (one: a shared machine stalls every
+    parallel region of two threads), and the caller's thread count is back afterwards, also after an error."""
+    seen = []
+    leaky_relu_ = F.leaky_relu_
+
+    def spy(t, slope):
+        seen.append(torch.get_num_threads())
+        return leaky_relu_(t, slope)
+
+    monkeypatch.setattr(F, "leaky_relu_", spy)
+    norm = nn.InstanceNorm3d(4, affine=True)
+    x = torch.randn(1, 4, 6, 5, 3).contiguous(memory_format=torch.channels_last_3d)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            expected = F.leaky_relu(norm(x.contiguous()), 0.01)
+            torch.testing.assert_close(instance_norm_act_(x.clone(), norm, 0.01), expected, rtol=1e-5, atol=1e-6)
+        assert seen and set(seen) == {fast_path.NORM_THREADS} and torch.get_num_threads() == 2
+        monkeypatch.setattr(F, "leaky_relu_", lambda t, slope: 1 / 0)
+        with pytest.raises(ZeroDivisionError), torch.no_grad():
+            instance_norm_act_(x.clone(), norm, 0.01)
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(F, "leaky_relu_", spy)
+        monkeypatch.setattr(fast_path, "NORM_THREADS", None)  # None: the caller's count
+        with torch.no_grad():
+            instance_norm_act_(x.clone(), norm, 0.01)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)

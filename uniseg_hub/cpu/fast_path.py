@@ -24,6 +24,7 @@ safe to call from several threads. ``benchmarks/NOTES.md`` has the measurements.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,6 +35,12 @@ CHANNELS_LAST = torch.channels_last_3d
 CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk of the instance norm (4 MB of float32): large enough that per-op overhead is small, small
 enough to stay in the CPU's L2/L3 cache between the chunk's operations."""
+
+NORM_THREADS = 1
+"""Intra-op threads of the instance norm's small per-chunk operations (``instance_norm_act_``). Each of them is one
+OpenMP parallel region that waits for all of its threads; there are thousands per forward, and on a shared machine
+a descheduled thread stalls every one of them (2 threads under load: 1.33 s for one full-resolution norm, against
+0.07 s on one thread; ``benchmarks/NOTES.md`` attempt 25). ``None`` keeps the caller's thread count."""
 
 CHANNELS_LAST_MIN_VOXELS = 1 << 16
 """Feature maps with at least this many voxels per channel run channels-last (in the official model: the levels at
@@ -75,7 +82,31 @@ def instance_norm_act_(x: torch.Tensor, norm: nn.InstanceNorm3d, negative_slope:
 
     Statistics per sample and channel over the spatial axes, biased variance, ``norm.eps`` and ``norm.weight`` /
     ``norm.bias`` as ``nn.InstanceNorm3d(affine=True)``; as accurate as ``F.instance_norm`` (tested against float64).
+    Runs on ``NORM_THREADS`` intra-op threads (the calling thread's count is restored afterwards).
     """
+    with threads(NORM_THREADS):
+        return _instance_norm_act_(x, norm, negative_slope)
+
+
+@contextlib.contextmanager
+def threads(count: int | None):
+    """Run the block with ``count`` intra-op threads (``torch.set_num_threads``), then restore the caller's count.
+
+    With OpenMP (PyTorch's CPU builds) the count is the calling thread's own setting, so other threads that are
+    already running torch keep theirs. ``None`` or the current count changes nothing.
+    """
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _instance_norm_act_(x: torch.Tensor, norm: nn.InstanceNorm3d, negative_slope: float) -> torch.Tensor:
     channels = x.shape[1]
     rows = max(1, CHUNK_ELEMENTS // channels)
     for sample in x.permute(0, 2, 3, 4, 1).view(x.shape[0], -1, channels):  # (voxels, C) views, never a copy
