@@ -397,3 +397,32 @@ def test_the_norm_runs_on_norm_threads_and_restores_the_callers_count(monkeypatc
         assert set(seen) == {2}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_equals_the_1x1x1_convolution_in_the_default_layout(bias):
+    """The heads as one matrix product per sample: the conv's values, written in the default layout."""
+    torch.manual_seed(7)
+    conv = nn.Conv3d(6, 3, 1, bias=bias)
+    x = torch.randn(2, 6, 9, 8, 5).contiguous(memory_format=torch.channels_last_3d)
+    assert fast_path.is_pointwise_conv(conv, x)
+    assert not fast_path.is_pointwise_conv(conv, x.contiguous())  # the default layout keeps the conv
+    assert not fast_path.is_pointwise_conv(nn.Conv3d(6, 3, 3, padding=1), x)
+    with torch.no_grad():
+        out = fast_path.pointwise_conv(conv, x)
+        torch.testing.assert_close(out, conv(x.contiguous()), rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous()
+
+
+def test_one_channel_maps_get_channels_last_strides():
+    """A one-channel map is contiguous in both layouts; PyTorch then treats it as the default layout and the stem's
+    convolution at 192x192x64 returns a default-layout map (copied again). ``to_layout`` gives it channels-last
+    strides (which layout the convolution returns for a map this small is PyTorch's choice)."""
+    x = torch.randn(1, 1, 16, 16, 8)
+    y = fast_path.to_layout(x, min_voxels=1)
+    assert y.stride(1) == 1 and torch.equal(y, x)
+    conv = nn.Conv3d(1, 8, (3, 3, 1), padding=(1, 1, 0))
+    with torch.no_grad():
+        out = conv(y)
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-6)
+    assert fast_path.to_layout(x, min_voxels=10**9) is x  # below the threshold: unchanged

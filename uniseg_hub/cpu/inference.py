@@ -135,7 +135,7 @@ class _CpuInference(nn.Module):
         for u, (up, block, head) in enumerate(zip(decoder.upsamples, decoder.blocks, decoder.heads)):
             x = self.run(block, self.upsample_concat(up, x, skips[-(u + 2)]))
             if all_levels or u == last:
-                outputs.append(head(x))
+                outputs.append(self.head(head, x))
         return outputs[::-1] if all_levels else outputs[-1]
 
     def upsample_concat(self, up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -183,8 +183,15 @@ class _CpuInference(nn.Module):
                              conv.padding, conv.dilation).add_(term)
                 for step in rest:
                     x = self.run(step, x)
-            outputs.append(decoder.heads[-1](x))
+            outputs.append(self.head(decoder.heads[-1], x))
         return outputs
+
+    @staticmethod
+    def head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``head(x)``; a 1x1x1 convolution of a channels-last map as one matrix product into the default layout."""
+        if fast_path.is_pointwise_conv(head, x):
+            return fast_path.pointwise_conv(head, x)
+        return head(x)
 
 
 class CpuInferenceModel(_CpuInference):
