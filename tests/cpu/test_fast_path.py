@@ -426,3 +426,35 @@ def test_one_channel_maps_get_channels_last_strides():
         out = conv(y)
         torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-6)
     assert fast_path.to_layout(x, min_voxels=10**9) is x  # below the threshold: unchanged
+
+
+def test_the_norm_of_a_bfloat16_map_computes_in_float32(monkeypatch):
+    """Under bfloat16 autocast the convolutions return bfloat16 maps; the fused norm reads them into float32,
+    computes there, and rounds once: the float32 norm of the same values, to bfloat16 rounding."""
+    monkeypatch.setattr(fast_path, "CHUNK_ELEMENTS", 1000)  # many chunks and a short last one
+    g = torch.Generator().manual_seed(8)
+    norm = nn.InstanceNorm3d(5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(5, generator=g))
+        norm.bias.copy_(torch.randn(5, generator=g))
+    x = (torch.randn(2, 5, 13, 11, 7, generator=g) * 0.5 + 30).bfloat16()  # |mean| >> std, as in float32
+    with torch.no_grad():
+        expected = F.leaky_relu(norm(x.float()), 0.01).bfloat16()
+        out = instance_norm_act_(x.contiguous(memory_format=torch.channels_last_3d), norm, 0.01)
+    assert out.dtype == torch.bfloat16 and fast_path.is_channels_last(out)
+    assert (out.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
+
+
+def test_bf16_autocast_takes_the_fast_path_and_agrees_with_the_plain_bf16_model(model, prepared):
+    """``--precision bf16`` on CPU: the fast path under bfloat16 autocast against the plain model under the same
+    autocast (both bfloat16 arithmetic: agreement to bfloat16 rounding, not float32 tolerance)."""
+    x = torch.randn(1, 1, *PATCH, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = model(x, 0).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = model(x, 0).float()
+            fast = prepared(x, 0).float()
+    scale = reference.abs().max()
+    assert (fast - reference).abs().max() < 0.05 * scale and (plain - reference).abs().max() < 0.05 * scale
+    assert (fast - plain).abs().max() < 0.05 * scale
+    assert (fast.argmax(1) == reference.argmax(1)).float().mean() > 0.95

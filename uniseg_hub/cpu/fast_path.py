@@ -1,6 +1,7 @@
 """The CPU inference fast path of the UniSeg networks: same results (float32 tolerance), less time.
 
-With gradients off, a float32 CPU tensor, and no tracing, compilation or export (``active``), the networks of
+With gradients off, a float32 CPU tensor (without autocast, or under bfloat16 autocast), and no tracing,
+compilation or export (``active``), the networks of
 ``uniseg_hub.networks`` prepared by ``uniseg_hub.cpu.prepare_for_inference`` run:
 
 * **channels-last feature maps** (``torch.channels_last_3d``) at the large levels: oneDNN then uses its brgemm 3-D
@@ -49,14 +50,18 @@ CHANNELS_LAST_MIN_VOXELS = 1 << 16
 
 
 def active(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` may take the fast path: float32 CPU inference without autocast, not traced, compiled
-    or exported.
+    """Whether a call on ``x`` may take the fast path: float32 CPU inference, without autocast or under bfloat16
+    autocast (``--precision bf16``), not traced, compiled or exported.
 
+    Under bfloat16 autocast the convolutions run in bfloat16 (channels-last, as in float32) and the fused norm
+    computes in float32 from their bfloat16 outputs (``instance_norm_act_``), as autocast's own norm does.
     A pure function of ``x`` and torch's own state (gradient mode is per thread), so each thread decides for itself.
     """
     if (not isinstance(x, torch.Tensor) or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
-        return False  # autocast (bf16 on CPU) runs the plain model: its kernels are float32 ones
+            or x.dtype != torch.float32):
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False  # float16 autocast on CPU is refused by the predictor; run it as it is anyway
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
                 or torch.onnx.is_in_onnx_export())
@@ -116,6 +121,8 @@ def threads(count: int | None):
 
 
 def _instance_norm_act_(x: torch.Tensor, norm: nn.InstanceNorm3d, negative_slope: float) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        return _instance_norm_act_lower_precision_(x, norm, negative_slope)
     channels = x.shape[1]
     rows = max(1, CHUNK_ELEMENTS // channels)
     for sample in x.permute(0, 2, 3, 4, 1).view(x.shape[0], -1, channels):  # (voxels, C) views, never a copy
@@ -139,6 +146,38 @@ def _instance_norm_act_(x: torch.Tensor, norm: nn.InstanceNorm3d, negative_slope
         scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         for chunk in chunks:
             F.leaky_relu_(chunk.mul_(scale).add_(shift), negative_slope)
+    return x
+
+
+def _instance_norm_act_lower_precision_(x: torch.Tensor, norm: nn.InstanceNorm3d,
+                                       negative_slope: float) -> torch.Tensor:
+    """``_instance_norm_act_`` for a bfloat16 (or other lower-precision) map: each chunk is read into a float32
+    scratch, the statistics and the affine map with the activation are computed there in float32, and the result
+    is rounded back into the chunk, in place."""
+    channels = x.shape[1]
+    rows = max(1, CHUNK_ELEMENTS // channels)
+    for sample in x.permute(0, 2, 3, 4, 1).view(x.shape[0], -1, channels):
+        chunks = sample.split(rows)
+        scratch = torch.empty(chunks[0].shape, dtype=torch.float32, device=x.device)
+        counts = torch.tensor([c.shape[0] for c in chunks], dtype=torch.float64).unsqueeze(1)
+        means = torch.empty(len(chunks), channels, dtype=torch.float64)
+        squares = torch.empty_like(means)
+        for i, chunk in enumerate(chunks):
+            values = scratch[: chunk.shape[0]].copy_(chunk)
+            mean = values.mean(0)
+            means[i], squares[i] = mean, values.sub_(mean).square_().sum(0)
+        mean = (counts * means).sum(0) / sample.shape[0]
+        variance = (squares.sum(0) + (counts * (means - mean) ** 2).sum(0)) / sample.shape[0]
+        scale = torch.rsqrt(variance + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight.double()
+        shift = -mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias.double()
+        scale, shift = scale.float(), shift.float()
+        for chunk in chunks:
+            values = scratch[: chunk.shape[0]].copy_(chunk)
+            chunk.copy_(F.leaky_relu_(values.mul_(scale).add_(shift), negative_slope))
     return x
 
 

@@ -10,9 +10,10 @@ The wrapper reads the model's structure when it is called instead of assuming th
 ``nn.Sequential`` stages and dispatches on the block types it knows (a conv block = ``conv`` (``Conv3d``) then
 ``adn`` = ``N`` (``InstanceNorm3d``) and ``A`` (``LeakyReLU``); ``MultiChannelStem``; the encoder's and decoder's
 loops). Every module it does not know runs as is. Whether a call takes the fast path is decided per call from the
-input tensor and torch's per-thread state (``fast_path.active``): gradients off, float32, CPU, not tracing,
-compiling or exporting; any other call goes to the plain model. There is no global state, so one prepared model
-can serve several threads, and the plain model can be trained or exported while it does.
+input tensor and torch's per-thread state (``fast_path.active``): gradients off, float32 (also under bfloat16
+autocast), CPU, not tracing, compiling or exporting; any other call goes to the plain model. There is no global
+state, so one prepared model can serve several threads, and the plain model can be trained or exported while it
+does.
 """
 
 from __future__ import annotations
