@@ -458,3 +458,15 @@ def test_bf16_autocast_takes_the_fast_path_and_agrees_with_the_plain_bf16_model(
     assert (fast - reference).abs().max() < 0.05 * scale and (plain - reference).abs().max() < 0.05 * scale
     assert (fast - plain).abs().max() < 0.05 * scale
     assert (fast.argmax(1) == reference.argmax(1)).float().mean() > 0.95
+
+
+def test_bf16_autocast_runs_the_decoder_on_the_fast_path_too(prepared, monkeypatch):
+    """Under bfloat16 autocast the encoder's maps are bfloat16: the decoder must still take the fast path (its
+    upsampling into the concatenation buffer), not fall back to the plain model."""
+    calls = []
+    upsample_concat_ = fast_path.upsample_concat
+    monkeypatch.setattr(fast_path, "upsample_concat", lambda *a, **k: calls.append(1) or upsample_concat_(*a, **k))
+    x = torch.randn(1, 1, *PATCH, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        prepared(x, 0)
+    assert len(calls) == len(prepared.model.decoder.upsamples)

@@ -136,7 +136,7 @@ def test_the_cpu_fast_path_runs_under_bf16_autocast_and_steps_aside_under_float1
     with torch.no_grad():
         assert fast_path.active(image)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert fast_path.active(image)
+            assert fast_path.active(image) and fast_path.active(image.bfloat16())  # bf16 maps for the decoder
         with torch.autocast("cpu", dtype=torch.float16):
             assert not fast_path.active(image)
         assert not fast_path.active(image.bfloat16())  # bfloat16 weights and input: the plain model

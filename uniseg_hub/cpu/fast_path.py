@@ -51,17 +51,19 @@ CHANNELS_LAST_MIN_VOXELS = 1 << 16
 
 def active(x: torch.Tensor) -> bool:
     """Whether a call on ``x`` may take the fast path: float32 CPU inference, without autocast or under bfloat16
-    autocast (``--precision bf16``), not traced, compiled or exported.
+    autocast (``--precision bf16``; ``x`` float32 or bfloat16 then), not traced, compiled or exported.
 
     Under bfloat16 autocast the convolutions run in bfloat16 (channels-last, as in float32) and the fused norm
     computes in float32 from their bfloat16 outputs (``instance_norm_act_``), as autocast's own norm does.
     A pure function of ``x`` and torch's own state (gradient mode is per thread), so each thread decides for itself.
     """
-    if (not isinstance(x, torch.Tensor) or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32):
+    if not isinstance(x, torch.Tensor) or torch.is_grad_enabled() or x.device.type != "cpu":
         return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False  # float16 autocast on CPU is refused by the predictor; run it as it is anyway
+    if x.dtype != torch.float32 and not (autocast and x.dtype == torch.bfloat16):
+        return False  # under bfloat16 autocast the encoder's maps (the decoder's input) are bfloat16
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
                 or torch.onnx.is_in_onnx_export())
