@@ -29,6 +29,15 @@ What it measures (sections, in this order; ``--sections`` picks some):
 * ``peers``: the same architecture built with MONAI ``DynUNet`` and nnU-Net v2's ``dynamic_network_architectures``
   ``PlainConvUNet`` (skipped with a note when that package is not installed), same patch, same measurements, run
   interleaved with UniSeg's (every repeat runs all variants once, in turn);
+* ``backends`` (issue 17, CPU): the same patch through ONNX Runtime's CPU execution provider (the graph of
+  ``uniseg-hub export``, exported in this process) and through ``torch.compile`` (inductor with weight freezing;
+  its first call, which compiles, is reported as the warm-up time), interleaved with the rows above;
+* the official class: with ``--official-root`` (or ``UNISEG_OFFICIAL_ROOT``) naming a checkout of
+  github.com/yeerwen/UniSeg, ``forward`` also runs the official ``UniSeg_model`` class itself, built as its trainer
+  builds it (``tests/golden/make_official_golden.py``) with the seeded weights in the official (z, y, x) layout, on
+  the same patch transposed to (z, y, x); it is then the baseline of every "x the official class" ratio. Without a
+  checkout the baseline is our network's plain eager forward in float32 (the same layers in the same order; the
+  official class also computes its four deep-supervision heads, 0.1 % of the FLOPs);
 * ``tasks``: all eight CT tasks at once (encoder shared) on one patch, against eight single-task patches (with
   ``--full`` also end to end on the real CT, each task as its own bundle run);
 * ``resampling``: the official resampling of a 512x512x300 CT (0.7 mm in-plane, 1 mm slices, and the same with 5
@@ -47,7 +56,8 @@ What it measures (sections, in this order; ``--sections`` picks some):
   suite's small network instead of the full-size one); the label maps of every run must be identical.
 * ``agreement`` (issue 17): TTA levels, overlaps and bf16 against the official settings on the sample CT, Dice per
   label and voxel agreement (``benchmarks/agreement.py``); ``forward`` also times ``--precision bf16`` on CPU (and
-  fp16, bf16, ``torch.compile`` on CUDA), and ``e2e`` the ``--fast`` preset.
+  fp16, bf16, ``torch.compile`` on CUDA), and ``e2e`` the ``--fast`` preset. The "ratios" block after the table
+lists every per-patch ratio of the run (best and median of the repeats, and in process CPU time).
 
 Weights are random (seeded) with the official shapes and format (no official checkpoint can be downloaded here);
 the cost of every step does not depend on the weights' values. Nothing here is run by the test suite.
@@ -75,8 +85,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the working tree's package; agreement.py
 sys.path.insert(0, str(ROOT / "tests"))  # official_format: writes official-format checkpoints (test support)
 
-SECTIONS = ("peak", "import", "weights", "forward", "peers", "tasks", "resampling", "e2e", "large", "cohort",
-            "agreement")
+SECTIONS = ("peak", "import", "weights", "forward", "peers", "backends", "tasks", "resampling", "e2e", "large",
+            "cohort", "agreement")
 PATCH = (192, 192, 64)
 FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
 
@@ -213,13 +223,16 @@ def weight_loading(workdir: Path, repeats: int = 3) -> dict:
     return out
 
 
-def count_gflop(model, call, x) -> float:
-    """GFLOP of ``call(model, x)`` by ``torch.utils.flop_counter``, on the meta device (shapes only, no compute)."""
+def count_gflop(model, call, x) -> float | None:
+    """GFLOP of ``call(model, x)`` by ``torch.utils.flop_counter``, on the meta device (shapes only, no compute);
+    a variant may give its own figure as ``call.gflop`` (None: not countable, e.g. an ONNX Runtime session)."""
     import copy
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    if hasattr(call, "gflop"):
+        return call.gflop
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
         call(copy.deepcopy(model).to("meta"), x.to("meta"))
@@ -304,7 +317,9 @@ def forward_cases(variants, x, repeats: int, peak: float | None, device: str) ->
         runs.append(run)
     for row, run in zip(rows, runs):
         if row["warmup"]:
+            t = now()
             run()
+            row["warmup_s"] = now() - t  # torch.compile: the compilation
     for _ in range(repeats):
         for row, run in zip(rows, runs):
             t, c = now(), time.process_time()
@@ -314,6 +329,9 @@ def forward_cases(variants, x, repeats: int, peak: float | None, device: str) ->
     for row in rows:
         row.update(summary(row["runs_s"]))
         row["best_cpu_s"] = min(row["cpu_s"])
+        if row["gflop"] is None:
+            log(f"  {row['name']}: {row['best_s']:.2f} s (best of {repeats}; CPU {row['best_cpu_s']:.1f} s)")
+            continue
         row["gflops"] = row["gflop"] / row["best_s"]
         row["gflop_per_cpu_s"] = row["gflop"] / row["best_cpu_s"]
         if peak:
@@ -359,6 +377,101 @@ def compiled_call(mode: str):
     return call
 
 
+def official_model(root: str):
+    """The official ``UniSeg_model`` class of a github.com/yeerwen/UniSeg checkout at ``root``, built as its trainer
+    builds it (``tests/golden/make_official_golden.py``), with the seeded official-format weights (seed 0), eval
+    mode, deep supervision off. Its nnU-Net v1 fork is imported from ``root/Upstream`` (it needs scipy and
+    batchgenerators)."""
+    import io
+
+    upstream = Path(root) / "Upstream"
+    if not (upstream / "nnunet" / "network_architecture" / "Prompt_generic_UNet.py").is_file():
+        raise SystemExit(f"--official-root {root}: no Upstream/nnunet/network_architecture/Prompt_generic_UNet.py "
+                         "there (expected a checkout of github.com/yeerwen/UniSeg)")
+    sys.path.insert(0, str(upstream))
+    sys.path.insert(0, str(ROOT / "tests" / "golden"))
+    import make_official_golden as golden
+
+    from official_format import official_shapes, seeded_state_dict
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the class prints the patch size and prompt statistics
+        model = golden.build_upstream(golden.FULL)
+    model.load_state_dict(seeded_state_dict(official_shapes(), seed=0), strict=True)
+    model.eval()
+    model.do_ds = False
+    return model
+
+
+def official_call(model, x):
+    """The official class's forward as nnU-Net v1 runs it: (B, C, z, y, x) input, the task as a tensor."""
+    import torch
+
+    return model(x.permute(0, 1, 4, 3, 2), torch.zeros(1, dtype=torch.long, device=x.device))
+
+
+def official_uniseg_gflop(model, x) -> float:
+    """The FLOPs of our network's forward: the official class transposes the input inside ``official_call``, which
+    the meta-device counter cannot follow through its ``task_id[0]`` indexing; the layers are the same."""
+    return count_gflop(uniseg_model(), plain_call, x)
+
+
+def onnxruntime_call(model, x, threads: int):
+    """One patch through ONNX Runtime's CPU execution provider: the graph ``uniseg-hub export`` writes
+    (``_UniSegGraph``: image and task in, logits out), exported here from ``model`` with batch size 1."""
+    import onnxruntime
+    import torch
+
+    from uniseg_hub.app.export import _UniSegGraph
+
+    path = Path(tempfile.mkdtemp(prefix="uniseg-ort-")) / "uniseg.onnx"
+    task = torch.tensor([0])
+    t = now()
+    with torch.no_grad():
+        torch.onnx.export(_UniSegGraph(model).eval(), (x, task), str(path), input_names=["image", "task"],
+                          output_names=["logits"], dynamo=True, external_data=False, verbose=False)
+    export_s = now() - t
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {"image": x.numpy(), "task": task.numpy()}
+
+    def call(_model, _x):
+        return torch.from_numpy(session.run(None, feeds)[0])
+    call.gflop = None
+    call.export_s = export_s
+    return call
+
+
+def inductor_call(model, x):
+    """``torch.compile`` of the plain network (inductor, ``freezing``: weights folded and prepacked for oneDNN,
+    the recommended CPU inference setting); the first call compiles. The CPU fast path steps aside while compiling,
+    so this is inductor's own code for the whole network."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model)
+
+    def call(_model, _x):
+        with _config(inductor_config, freezing=True):
+            return compiled(x, 0)
+    call.gflop = None
+    return call
+
+
+@contextlib.contextmanager
+def _config(module, **values):
+    before = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(module, k, v)
+
+
 def unoptimised():
     """Process state of the unoptimised path: glibc's default malloc (the network is the plain model itself)."""
     from uniseg_hub.cpu.memory import _glibc_default_malloc
@@ -374,9 +487,15 @@ def optimised():
 
 
 BF16_ROW = "UniSeg, inference path, --precision bf16 (CPU opt-in)"
+OURS_ROW = "UniSeg, optimised inference path (TaskPredictor)"
+PLAIN_ROW = "UniSeg, unoptimised (plain eager path, default malloc)"
+OFFICIAL_ROW = "official UniSeg_model class (yeerwen/UniSeg), plain eager, default malloc"
+ORT_ROW = "ONNX Runtime CPU (exported graph), float32"
+COMPILE_ROW = "UniSeg, torch.compile (inductor, freezing), float32"
 
 
-def forward_section(args, peak: float | None, device: str = "cpu", peers: bool = True) -> tuple[list, list]:
+def forward_section(args, peak: float | None, device: str = "cpu", peers: bool = True,
+                    backends: bool = False) -> tuple[list, list]:
     """UniSeg unoptimised and optimised, and (with ``peers``) the peers, interleaved run by run in one loop, so
     that a change of machine load hits every variant alike. Returns (UniSeg rows, peer rows).
 
@@ -387,10 +506,14 @@ def forward_section(args, peak: float | None, device: str = "cpu", peers: bool =
 
     x = torch.randn(1, 1, *PATCH, device=device)
     model = uniseg_model().to(device)
-    ours = [("UniSeg, unoptimised (plain eager path, default malloc)", model, plain_call, unoptimised, False,
-             False),
-            ("UniSeg, optimised inference path (TaskPredictor)", model, predictor_call, optimised, False,
-             not args.quick)]
+    ours = []
+    if args.official_root:  # the official class itself, warmed up like ours (its steady per-patch speed)
+        official = official_model(args.official_root).to(device)
+        call = functools.partial(official_call)
+        call.gflop = official_uniseg_gflop(official, x)
+        ours.append((OFFICIAL_ROW, official, call, unoptimised, False, not args.quick))
+    ours += [(PLAIN_ROW, model, plain_call, unoptimised, False, False),
+             (OURS_ROW, model, predictor_call, optimised, False, not args.quick)]
     if device == "cuda":
         ours.append(("UniSeg, inference path, fp16 autocast", model, predictor_call, optimised, True, True))
         ours.append(("UniSeg, inference path, bf16 autocast", model, bf16_call, optimised, False, True))
@@ -399,6 +522,13 @@ def forward_section(args, peak: float | None, device: str = "cpu", peers: bool =
                          True, True))
     else:  # issue 17: the opt-in bfloat16 (fast where the CPU has AMX or AVX512_BF16)
         ours.append((BF16_ROW, model, bf16_call, optimised, False, not args.quick))
+        if backends:  # issue 17: measured, offered only if they win
+            try:
+                ours.append((ORT_ROW, model, onnxruntime_call(model, x, torch.get_num_threads()), optimised, False,
+                             True))
+            except ImportError as e:
+                log(f"  ONNX Runtime skipped: {e}")
+            ours.append((COMPILE_ROW, model, inductor_call(model, x), optimised, False, True))
     others, skipped = [], []
     if peers:
         others.append(("MONAI DynUNet, same stages", dynunet_model().to(device), plain_call, optimised, False,
@@ -829,7 +959,10 @@ def table(results: dict) -> str:
         if "skipped" in r:
             rows.append((r["name"], "skipped", r["skipped"]))
             continue
-        note = f"{r['gflop']:.0f} GFLOP, {r['gflops']:.1f} GFLOP/s"
+        note = (f"{r['gflop']:.0f} GFLOP, {r['gflops']:.1f} GFLOP/s" if r.get("gflop") else
+                f"CPU {r['best_cpu_s']:.1f} s")
+        if r["name"] == COMPILE_ROW and "warmup_s" in r:
+            note += f"; compiling (first call) {r['warmup_s']:.0f} s"
         if "fraction_of_peak" in r:
             note += f" = {100 * r['fraction_of_peak']:.0f} % of peak"
         if "fraction_of_peak_cpu" in r:
@@ -864,20 +997,53 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def baseline(forward: dict) -> dict | None:
+    """The row the "x the official class" ratios divide: the official class when measured, else our plain eager
+    forward (the same layers)."""
+    return forward.get(OFFICIAL_ROW) or forward.get(PLAIN_ROW)
+
+
+def ratios(results: dict) -> list[tuple[str, str]]:
+    """Every per-patch ratio of the run: (what, best-of-repeats ratio; median ratio; process-CPU-time ratio)."""
+    rows = {r["name"]: r for r in results.get("forward", []) + results.get("peers", []) if "skipped" not in r}
+    base = baseline(rows)
+    ours = rows.get(OURS_ROW)
+    out = []
+
+    def ratio(what: str, slow: dict | None, fast: dict | None) -> None:
+        if slow and fast:
+            out.append((what, f"{slow['best_s'] / fast['best_s']:.2f}x best, "
+                              f"{slow['median_s'] / fast['median_s']:.2f}x median, "
+                              f"{slow['best_cpu_s'] / fast['best_cpu_s']:.2f}x CPU time "
+                              f"({slow['best_s']:.2f} s / {fast['best_s']:.2f} s)"))
+    name = "official class" if OFFICIAL_ROW in rows else "plain eager UniSeg (stand-in for the official class)"
+    ratio(f"ours float32 vs {name} float32 (target 1.5x)", base, ours)
+    if OFFICIAL_ROW in rows:
+        ratio("plain eager UniSeg vs the official class (both float32, unoptimised)", base, rows.get(PLAIN_ROW))
+    for r in results.get("peers", []):
+        if "skipped" not in r:
+            ratio(f"ours float32 vs {r['name']} (target > 1x)", r, ours)
+    ratio(f"ours bf16 vs {name} float32 (target 2.5x on native-bf16 CPUs)", base, rows.get(BF16_ROW))
+    ratio("ours float32 vs ONNX Runtime CPU float32 (> 1x: ours is faster)", rows.get(ORT_ROW), ours)
+    ratio("ours float32 vs torch.compile float32 (> 1x: ours is faster)", rows.get(COMPILE_ROW), ours)
+    return out
+
+
 def targets(results: dict) -> list[dict]:
     """The issue's targets, each as measured in this run (None where the run did not measure it)."""
     out = []
     forward = {r["name"]: r for r in results.get("forward", []) if "skipped" not in r}
-    ours = forward.get("UniSeg, optimised inference path (TaskPredictor)")
+    ours = forward.get(OURS_ROW)
     if ours and "fraction_of_peak" in ours:
         cpu = ours.get("fraction_of_peak_cpu")
         out.append({"target": "per-patch forward >= 80 % of the matmul peak",
                     "measured": f"{100 * ours['fraction_of_peak']:.0f} % (wall clock)"
                     + (f", {100 * cpu:.0f} % (per CPU-second)" if cpu else ""),
                     "met": ours["fraction_of_peak"] >= 0.8})
-    official = forward.get("UniSeg, unoptimised (plain eager path, default malloc)")
+    official = baseline(forward)
+    which = "official class" if OFFICIAL_ROW in forward else "plain eager stand-in for the official class"
     if ours and official:  # issue 17: per patch against the official class's plain forward, same run
-        out.append({"target": "CPU float32 per patch >= 1.5x the official class's forward",
+        out.append({"target": f"CPU float32 per patch >= 1.5x the official class's forward ({which})",
                     "measured": f"{official['best_s'] / ours['best_s']:.2f}x ({official['best_s']:.1f} s -> "
                                 f"{ours['best_s']:.1f} s)", "met": official["best_s"] / ours["best_s"] >= 1.5})
     bf16 = forward.get(BF16_ROW)
@@ -908,7 +1074,7 @@ def targets(results: dict) -> list[dict]:
     if ours and peers:
         # same shape, but PlainConvUNet cannot express nnU-Net v1's 3x3x3 full-resolution decoder (v2 uses the
         # encoder's 3x3x1 there, 17 % fewer FLOPs): compare time per FLOP, i.e. GFLOP/s, and report plain time too
-        worst = min(ours["gflops"] / r["gflops"] for r in peers)
+        worst = min(ours["gflops"] / r["gflops"] for r in peers if r.get("gflops"))
         out.append({"target": "no slower than DynUNet / PlainConvUNet of the same shape (GFLOP/s; time)",
                     "measured": "; ".join(f"{r['name'].split(',')[0]} {r['gflops']:.1f} GFLOP/s, {r['best_s']:.1f} s "
                                           f"for {r['gflop']:.0f} GFLOP" for r in peers)
@@ -954,6 +1120,10 @@ def main(argv=None) -> int:
     parser.add_argument("--measure-one-by-one", action="store_true",
                         help="in 'tasks', run the eight single-task windows instead of 8 x the measured one")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--official-root", default=os.environ.get("UNISEG_OFFICIAL_ROOT"),
+                        help="a checkout of github.com/yeerwen/UniSeg: 'forward' also runs the official UniSeg_model "
+                             "class, the baseline of the 'x the official class' ratios (default: "
+                             "$UNISEG_OFFICIAL_ROOT; without it the baseline is our plain eager forward)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "uniseg-hub-bench"),
                         help="cache for the generated checkpoint, the large CT and outputs")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="where to write JSON")
@@ -996,9 +1166,10 @@ def main(argv=None) -> int:
     if "weights" in sections:
         log("weight loading ...")
         results["weights"] = weight_loading(workdir)
-    if sections & {"forward", "peers"}:
+    if sections & {"forward", "peers", "backends"}:
         log("forward pass, one patch" + (", with the peers interleaved" if "peers" in sections else "") + " ...")
-        ours, peers = forward_section(args, peak, device, peers="peers" in sections)
+        ours, peers = forward_section(args, peak, device, peers="peers" in sections,
+                                      backends="backends" in sections)
         results["forward"] = ours
         if "peers" in sections:
             results["peers"] = peers
@@ -1056,6 +1227,12 @@ def main(argv=None) -> int:
 
         print()
         print(agreement.table(results["agreement"]))
+    results["ratios"] = ratios(results)
+    if results["ratios"]:
+        print("\nratios, one patch, this run (interleaved; best and median of the repeats, process CPU time):")
+        width = max(len(a) for a, _ in results["ratios"])
+        for a, b in results["ratios"]:
+            print(f"  {a.ljust(width)}  {b}")
     print()
     for t in results["targets"]:
         print(f"{'MET  ' if t['met'] else 'UNMET'}  {t['target']}: {t['measured']}")

@@ -363,3 +363,110 @@ def test_channels_last_instance_norm_is_as_accurate_as_instance_norm(mean, monke
     error_reference = (reference.double() - exact).abs().max().item()
     error = (out.double() - exact).abs().max().item()
     assert error <= 4 * error_reference + 1e-6, (error, error_reference)
+
+
+def test_the_norm_runs_on_norm_threads_and_restores_the_callers_count(monkeypatch):
+    """The fused norm's many small operations run on ``NORM_THREADS`` threads (one: a shared machine stalls every
+    parallel region of two threads), and the caller's thread count is back afterwards, also after an error."""
+    seen = []
+    leaky_relu_ = F.leaky_relu_
+
+    def spy(t, slope):
+        seen.append(torch.get_num_threads())
+        return leaky_relu_(t, slope)
+
+    monkeypatch.setattr(F, "leaky_relu_", spy)
+    norm = nn.InstanceNorm3d(4, affine=True)
+    x = torch.randn(1, 4, 6, 5, 3).contiguous(memory_format=torch.channels_last_3d)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            expected = F.leaky_relu(norm(x.contiguous()), 0.01)
+            torch.testing.assert_close(instance_norm_act_(x.clone(), norm, 0.01), expected, rtol=1e-5, atol=1e-6)
+        assert seen and set(seen) == {fast_path.NORM_THREADS} and torch.get_num_threads() == 2
+        monkeypatch.setattr(F, "leaky_relu_", lambda t, slope: 1 / 0)
+        with pytest.raises(ZeroDivisionError), torch.no_grad():
+            instance_norm_act_(x.clone(), norm, 0.01)
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(F, "leaky_relu_", spy)
+        monkeypatch.setattr(fast_path, "NORM_THREADS", None)  # None: the caller's count
+        with torch.no_grad():
+            instance_norm_act_(x.clone(), norm, 0.01)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_equals_the_1x1x1_convolution_in_the_default_layout(bias):
+    """The heads as one matrix product per sample: the conv's values, written in the default layout."""
+    torch.manual_seed(7)
+    conv = nn.Conv3d(6, 3, 1, bias=bias)
+    x = torch.randn(2, 6, 9, 8, 5).contiguous(memory_format=torch.channels_last_3d)
+    assert fast_path.is_pointwise_conv(conv, x)
+    assert not fast_path.is_pointwise_conv(conv, x.contiguous())  # the default layout keeps the conv
+    assert not fast_path.is_pointwise_conv(nn.Conv3d(6, 3, 3, padding=1), x)
+    with torch.no_grad():
+        out = fast_path.pointwise_conv(conv, x)
+        torch.testing.assert_close(out, conv(x.contiguous()), rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous()
+
+
+def test_one_channel_maps_get_channels_last_strides():
+    """A one-channel map is contiguous in both layouts; PyTorch then treats it as the default layout and the stem's
+    convolution at 192x192x64 returns a default-layout map (copied again). ``to_layout`` gives it channels-last
+    strides (which layout the convolution returns for a map this small is PyTorch's choice)."""
+    x = torch.randn(1, 1, 16, 16, 8)
+    y = fast_path.to_layout(x, min_voxels=1)
+    assert y.stride(1) == 1 and torch.equal(y, x)
+    conv = nn.Conv3d(1, 8, (3, 3, 1), padding=(1, 1, 0))
+    with torch.no_grad():
+        out = conv(y)
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-6)
+    assert fast_path.to_layout(x, min_voxels=10**9) is x  # below the threshold: unchanged
+
+
+def test_the_norm_of_a_bfloat16_map_computes_in_float32(monkeypatch):
+    """Under bfloat16 autocast the convolutions return bfloat16 maps; the fused norm reads them into float32,
+    computes there, and rounds once: the float32 norm of the same values, to bfloat16 rounding."""
+    monkeypatch.setattr(fast_path, "CHUNK_ELEMENTS", 1000)  # many chunks and a short last one
+    g = torch.Generator().manual_seed(8)
+    norm = nn.InstanceNorm3d(5, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(5, generator=g))
+        norm.bias.copy_(torch.randn(5, generator=g))
+    x = (torch.randn(2, 5, 13, 11, 7, generator=g) * 0.5 + 30).bfloat16()  # |mean| >> std, as in float32
+    with torch.no_grad():
+        expected = F.leaky_relu(norm(x.float()), 0.01).bfloat16()
+        out = instance_norm_act_(x.contiguous(memory_format=torch.channels_last_3d), norm, 0.01)
+    assert out.dtype == torch.bfloat16 and fast_path.is_channels_last(out)
+    assert (out.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
+
+
+def test_bf16_autocast_takes_the_fast_path_and_agrees_with_the_plain_bf16_model(model, prepared):
+    """``--precision bf16`` on CPU: the fast path under bfloat16 autocast against the plain model under the same
+    autocast (both bfloat16 arithmetic: agreement to bfloat16 rounding, not float32 tolerance)."""
+    x = torch.randn(1, 1, *PATCH, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = model(x, 0).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = model(x, 0).float()
+            fast = prepared(x, 0).float()
+    scale = reference.abs().max()
+    assert (fast - reference).abs().max() < 0.05 * scale and (plain - reference).abs().max() < 0.05 * scale
+    assert (fast - plain).abs().max() < 0.05 * scale
+    assert (fast.argmax(1) == reference.argmax(1)).float().mean() > 0.95
+
+
+def test_bf16_autocast_runs_the_decoder_on_the_fast_path_too(prepared, monkeypatch):
+    """Under bfloat16 autocast the encoder's maps are bfloat16: the decoder must still take the fast path (its
+    upsampling into the concatenation buffer), not fall back to the plain model."""
+    calls = []
+    upsample_concat_ = fast_path.upsample_concat
+    monkeypatch.setattr(fast_path, "upsample_concat", lambda *a, **k: calls.append(1) or upsample_concat_(*a, **k))
+    x = torch.randn(1, 1, *PATCH, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        prepared(x, 0)
+    assert len(calls) == len(prepared.model.decoder.upsamples)

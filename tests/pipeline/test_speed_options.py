@@ -121,20 +121,25 @@ def test_bf16_runs_the_network_in_bfloat16_and_stays_close(model, image, monkeyp
     try:
         with torch.no_grad():
             reference = TaskPredictor(model, [task], mirror=1, cpu_fast_path=False)(image)
-            bf16 = TaskPredictor(model, [task], mirror=1, precision="bf16")(image)  # fast path steps aside
+            bf16 = TaskPredictor(model, [task], mirror=1, precision="bf16", cpu_fast_path=False)(image)
+            fast = TaskPredictor(model, [task], mirror=1, precision="bf16")(image)  # the CPU fast path, in bf16
     finally:
         hook.remove()
-    assert seen == [torch.float32, torch.bfloat16]
+    assert seen == [torch.float32, torch.bfloat16]  # the fast path runs the encoder stage by stage: no hook
+    assert 0 < (fast - reference).abs().max() < 0.05 and (fast - bf16).abs().max() < 0.05
     assert bf16.dtype == torch.float32 and bf16.shape == reference.shape
     assert 0 < (bf16 - reference).abs().max() < 0.05  # bfloat16 arithmetic (changed), same result to ~1e-2
     assert (bf16.argmax(1) == reference.argmax(1)).float().mean() > 0.95
 
 
-def test_the_cpu_fast_path_steps_aside_under_autocast(image):
+def test_the_cpu_fast_path_runs_under_bf16_autocast_and_steps_aside_under_float16(image):
     with torch.no_grad():
         assert fast_path.active(image)
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fast_path.active(image) and fast_path.active(image.bfloat16())  # bf16 maps for the decoder
+        with torch.autocast("cpu", dtype=torch.float16):
             assert not fast_path.active(image)
+        assert not fast_path.active(image.bfloat16())  # bfloat16 weights and input: the plain model
 
 
 @pytest.mark.parametrize("dtype, expected", [("bf16", torch.bfloat16), (torch.bfloat16, torch.bfloat16),

@@ -10,9 +10,10 @@ The wrapper reads the model's structure when it is called instead of assuming th
 ``nn.Sequential`` stages and dispatches on the block types it knows (a conv block = ``conv`` (``Conv3d``) then
 ``adn`` = ``N`` (``InstanceNorm3d``) and ``A`` (``LeakyReLU``); ``MultiChannelStem``; the encoder's and decoder's
 loops). Every module it does not know runs as is. Whether a call takes the fast path is decided per call from the
-input tensor and torch's per-thread state (``fast_path.active``): gradients off, float32, CPU, not tracing,
-compiling or exporting; any other call goes to the plain model. There is no global state, so one prepared model
-can serve several threads, and the plain model can be trained or exported while it does.
+input tensor and torch's per-thread state (``fast_path.active``): gradients off, float32 (also under bfloat16
+autocast), CPU, not tracing, compiling or exporting; any other call goes to the plain model. There is no global
+state, so one prepared model can serve several threads, and the plain model can be trained or exported while it
+does.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class _CpuInference(nn.Module):
         for u, (up, block, head) in enumerate(zip(decoder.upsamples, decoder.blocks, decoder.heads)):
             x = self.run(block, self.upsample_concat(up, x, skips[-(u + 2)]))
             if all_levels or u == last:
-                outputs.append(head(x))
+                outputs.append(self.head(head, x))
         return outputs[::-1] if all_levels else outputs[-1]
 
     def upsample_concat(self, up: nn.Module, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -183,8 +184,15 @@ class _CpuInference(nn.Module):
                              conv.padding, conv.dilation).add_(term)
                 for step in rest:
                     x = self.run(step, x)
-            outputs.append(decoder.heads[-1](x))
+            outputs.append(self.head(decoder.heads[-1], x))
         return outputs
+
+    @staticmethod
+    def head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``head(x)``; a 1x1x1 convolution of a channels-last map as one matrix product into the default layout."""
+        if fast_path.is_pointwise_conv(head, x):
+            return fast_path.pointwise_conv(head, x)
+        return head(x)
 
 
 class CpuInferenceModel(_CpuInference):
