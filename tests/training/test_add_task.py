@@ -14,14 +14,16 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from scans import sample
-from test_training import CONFIGS, causes, messages
+from test_distributed import torchrun
+from test_training import CONFIGS, Interrupted, causes, messages
 
 from uniseg_hub import cli, load_model
-from uniseg_hub.errors import ConfigError, Interrupted, TrainingError
+from uniseg_hub.errors import ConfigError, TrainingError
 from uniseg_hub.networks import UniSeg
-from uniseg_hub.training import grow_network
-from uniseg_hub.weights import save_folder
+from uniseg_hub.training import check_cases, grow_network, task_dice
+from uniseg_hub.weights import load_checked, save_folder
+
+from scans import sample
 
 # wide enough that the frozen mode's capacity (prompt channel, adapters, heads) can learn the liver on random
 # features, with a patch whose bottleneck (2x1x1) is smallest: (64, 32, 16) at 6 mm covers the CT (61x50x15)
@@ -172,3 +174,117 @@ def test_the_command_refuses_bad_requests_in_one_line(cli_run, base, liver_cases
             cli.main(["add-task", str(base), "--datalist", datalist, "--workers", "0", *args])
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and expected in err and err.count("\n") == 1, err
+
+
+# the bundle: learning on the real CT, the finetune mode, resume, torchrun
+
+
+@pytest.mark.slow
+def test_a_frozen_run_on_real_ct_learns_the_task_and_keeps_the_eleven(base, liver_cases, tmp_path):
+    start = time.perf_counter()
+    bundle_run(base, liver_cases, tmp_path, epochs=4, iterations_per_epoch=20).run()
+    seconds = time.perf_counter() - start
+    out = tmp_path / "model"
+    report = json.loads((out / "add_task_report.json").read_text())
+    history = json.loads((out / "training" / "logs" / "history.json").read_text())
+    grown, original = load_model(out), load_model(base)
+    assert history["loss"][-1] < history["loss"][0] - 0.2, history["loss"]
+    # an untrained slot: the same added task freshly initialised (random prompt and heads, zero adapters)
+    fresh = UniSeg(grown.config, tasks=grown.tasks)
+    load_checked(fresh, original.state_dict(), may_initialise=["added.0.*"])
+    cases = check_cases(liver_cases / "datalist.json", task="abdomen_liver")
+    untrained = task_dice(fresh, cases, PATCH)["abdomen_liver"]["dice"]
+    dice = report["dice"]["abdomen_liver"]
+    assert dice["after"] > max(dice["before"], untrained) + 0.15, (dice, untrained)
+    assert same_original_tasks(original, grown, torch.randn(2, 1, *PATCH))
+    print(f"\nadd-task smoke run (frozen, 4 x 20 iterations of 2 {PATCH} patches, 2 real CT cases at 6 mm): "
+          f"{seconds:.0f} s on CPU with {torch.get_num_threads()} threads; loss {history['loss'][0]:.3f} -> "
+          f"{history['loss'][-1]:.3f}; Dice step 0 {dice['before']:.3f}, untrained slot {untrained:.3f}, after "
+          f"{dice['after']:.3f}")
+
+
+@pytest.mark.slow
+def test_the_finetune_mode_reports_how_far_each_old_task_moved(base, liver_cases, tmp_path):
+    bundle_run(base, liver_cases, tmp_path, epochs=1, iterations_per_epoch=3, mode="finetune",
+               check_datalist=str(liver_cases / "old_tasks.json")).run()
+    out = tmp_path / "model"
+    report = json.loads((out / "add_task_report.json").read_text())
+    grown, original = load_model(out), load_model(base)
+    assert set(report["dice"]) == {"abdomen_liver", "liver"} and report["dice"]["liver"]["cases"] == 2
+    cases = check_cases(liver_cases / "old_tasks.json")
+    liver = report["dice"]["liver"]
+    assert liver["before"] == pytest.approx(task_dice(original, cases, PATCH)["liver"]["dice"])
+    assert liver["after"] == pytest.approx(task_dice(grown, cases, PATCH)["liver"]["dice"])
+    assert liver["change"] == pytest.approx(liver["after"] - liver["before"])
+    state, old = grown.state_dict(), original.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in old.items() if k.startswith(("encoder.", "prompt.")))
+    assert not torch.equal(state["decoder.blocks.0.0.conv.weight"], old["decoder.blocks.0.0.conv.weight"])
+    assert not same_original_tasks(original, grown, torch.randn(1, 1, *PATCH))
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_and_writes_the_grown_model(base, liver_cases, tmp_path):
+    run = dict(epochs=2, iterations_per_epoch=1)
+    wf = bundle_run(base, liver_cases, tmp_path, **run)
+
+    @wf.parser.get_parsed_content("train#trainer").on(Events.ITERATION_STARTED(once=2))
+    def crash(_):
+        raise Interrupted()
+
+    with pytest.raises(Exception) as info:
+        wf.run()
+    assert any(isinstance(e, Interrupted) for e in causes(info))
+    out = tmp_path / "model"
+    assert not (out / "model.safetensors").exists() and (out / "training" / "last").is_dir()
+    with pytest.raises(Exception) as info:  # a new run never silently replaces the old one
+        bundle_run(base, liver_cases, tmp_path, **run).run()
+    assert "--resume true" in messages(info)
+    resumed = bundle_run(base, liver_cases, tmp_path, resume=True, **run)
+    resumed.run()
+    state = resumed.parser.get_parsed_content("train#trainer").state
+    assert (state.epoch, state.iteration) == (2, 2)
+    grown = load_model(out)
+    assert grown.tasks[11].name == "abdomen_liver" and json.loads((out / "config.json").read_text())["source"][
+        "iterations"] == 2
+    assert same_original_tasks(load_model(base), grown, torch.randn(1, 1, *PATCH))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_add_the_task_in_step(base, liver_cases, tmp_path):
+    settings = {**RUN, "epochs": 1, "iterations_per_epoch": 2, "bundle_root": str(tmp_path), "pretrained": str(base),
+                "dataset_dir": str(liver_cases), "datalist_file": str(liver_cases / "datalist.json"),
+                "task_name": "abdomen_liver", "model_dir": str(tmp_path / "model")}
+    torchrun(__file__, json.dumps(settings), str(tmp_path), cwd=tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["identical"] and r["changed"] for r in ranks) and ranks[0]["digest"] == ranks[1]["digest"]
+    grown = load_model(tmp_path / "model")
+    assert grown.tasks[11].name == "abdomen_liver"
+    assert same_original_tasks(load_model(base), grown, torch.randn(1, 1, *PATCH))
+
+
+def main(settings: str, out_dir: str) -> None:
+    """One torchrun rank: add the task with the multi-GPU configuration, then compare the trained parameters."""
+    import torch.distributed as dist
+
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / c) for c in ("train.json", "add_task.json",
+                                                                "multi_gpu_train.json")],
+                        meta_file=str(CONFIGS / "metadata.json"), logging_file=False, workflow_type="train",
+                        **json.loads(settings))
+    wf.initialize()
+    network = wf.parser.get_parsed_content("network")
+    assert isinstance(network, torch.nn.parallel.DistributedDataParallel)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in network.module.added.parameters()])
+    wf.run()
+    after = torch.cat([p.detach().reshape(-1) for p in network.module.added.parameters()])
+    gathered = [torch.zeros_like(after) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, after)
+    result = {"identical": all(torch.equal(gathered[0], g) for g in gathered),
+              "changed": not torch.equal(before, after), "digest": float(after.double().sum())}
+    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    wf.finalize()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(*sys.argv[1:])
