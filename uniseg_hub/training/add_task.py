@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
-from monai.networks import one_hot
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Spacingd
 from torch import nn
 
@@ -28,7 +27,6 @@ from ..tasks import Task
 from ..weights import load_checked, save_folder
 from .data import intensity_transform, load_datalist
 from .distributed import is_main_process, log_main, unwrap
-from .evaluation import dice_metric
 
 MODES = {"frozen": ("added.{n}.",), "finetune": ("added.{n}.", "decoder.upsamples.", "decoder.blocks.")}
 """The parameters each mode trains (name prefixes; ``{n}`` is the added task's index); everything else is frozen."""
@@ -174,20 +172,32 @@ def check_model_dir(model_dir: str | os.PathLike, overwrite=False, resume=False)
                             "(or --resume true to continue its run)")
 
 
+def class_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dice of each foreground class of two label maps; NaN for a class absent from both (nnU-Net's rule).
+    Computed here rather than with MONAI's metric, whose buffer gathers across ranks and would wait for the
+    others in the middle of their training."""
+    scores = []
+    for c in range(1, num_classes):
+        p, t = pred == c, label == c
+        total = int(p.sum()) + int(t.sum())
+        scores.append(2 * int((p & t).sum()) / total if total else float("nan"))
+    return torch.tensor(scores, dtype=torch.float64)
+
+
 @torch.no_grad()
 def task_dice(network: nn.Module, cases: Sequence[Mapping], patch_size: Sequence[int] | None = None,
               device: str | torch.device = "cpu", sw_batch_size: int = 2) -> dict[str, dict]:
-    """Each task's mean Dice (over its foreground classes, then cases; nnU-Net's rule for absent classes) on
-    ``cases`` (``check_cases``), predicted on the task's training grid (crop-free resampling to its spacing, its
+    """Each task's mean Dice on ``cases`` (``check_cases``): per class over the cases where it is defined, then
+    over classes (nnU-Net's summary), predicted on the task's training grid (resampled to its spacing, its
     normalisation, sliding windows without mirroring). A before/after measure on the same cases, not the
-    official evaluation on the input grid."""
+    official evaluation on the input grid. Scored on rank 0 (other ranks return ``{}``)."""
     if not is_main_process():
         return {}
     model = unwrap(network)
     was_training = model.training
     model.eval()
     patch = tuple(patch_size or model.patch_size)
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, list[torch.Tensor]] = {}
     try:
         for case in cases:
             task = model.tasks.get(case["task"])
@@ -198,15 +208,13 @@ def task_dice(network: nn.Module, cases: Sequence[Mapping], patch_size: Sequence
             item = prepare({"image": case["image"], "label": case["label"]})
             logits = sliding_window_inference(item["image"][None].to(device), patch, sw_batch_size,
                                               lambda x, t=task.id: model(x, t), overlap=0.5, mode="gaussian")
-            pred = logits[:, : task.num_classes].argmax(1, keepdim=True).cpu()
-            metric = dice_metric("exclude")
-            metric(one_hot(pred, task.num_classes), one_hot(item["label"][None].as_tensor().long(), task.num_classes))
-            value = float(metric.aggregate())
-            scores.setdefault(task.name, []).append(value)
+            pred = logits[0, : task.num_classes].argmax(0).cpu()
+            scores.setdefault(task.name, []).append(class_dice(pred, item["label"][0].as_tensor().round().long(),
+                                                               task.num_classes))
     finally:
         model.train(was_training)
-    return {name: {"dice": sum(v for v in values if v == v) / max(1, sum(v == v for v in values)),
-                   "cases": len(values)} for name, values in scores.items()}
+    return {name: {"dice": float(torch.nanmean(torch.nanmean(torch.stack(values), 0))), "cases": len(values)}
+            for name, values in scores.items()}
 
 
 def movement(before: Mapping[str, Mapping], after: Mapping[str, Mapping]) -> dict[str, dict]:
