@@ -618,9 +618,74 @@ def prepare_dataset(dataset: str, raw_dir: str, out_dir: str, *, overwrite: bool
                        f"{result['properties']['target_spacing']} mm")
 
 
+def add_task(model: str, *, name: str, datalist: str, out: str, labels=None, modality=None, channels=None,
+             spacing=None, normalization=None, mode: str = "frozen", epochs: int = None, iterations: int = None,
+             batch_size: int = None, init_from=None, check=None, title=None, device=None, workers: int = None,
+             resume: bool = False, overwrite: bool = False, progress: bool = True, json: bool = False) -> None:
+    """Add your own task to the universal model as a new prompt, keeping the original tasks' results.
+
+    Trains with the bundle's train.json + add_task.json (official Dice + CE loss with deep supervision, nnU-Net
+    augmentation) on the datalist's training cases and writes the grown model to OUT (model.safetensors and
+    config.json with the extended task table), which load_model, predict --model OUT --task NAME and publish take.
+
+    Args:
+        model: the universal model to grow: a manifest name (uniseg-11task) or a folder.
+        name: the new task's name (lower-case letters, digits, _), e.g. knee_cartilage.
+        datalist: a JSON datalist with a 'training' list of {"image", "label"} (the format `uniseg-hub prepare`
+            writes); its 'validation' cases, if any, score the new task before and after.
+        out: the folder for the grown model; the run (checkpoints, logs) goes to OUT/training.
+        labels: the foreground label names, comma-separated (label value 1 first); default: the datalist's labels.
+        modality: the task's modality group: CT, MR or PET-CT; default: from the channels.
+        channels: the input channel names, comma-separated (CT, T2, ...); default: the datalist's modality.
+        spacing: the training voxel spacing x,y,z in mm; default: the datalist's target spacing.
+        normalization: ct_window (CT) or zscore (MR, PET); default: from the first channel.
+        mode: frozen (only the new task's prompt channel, adapters and heads train: the original tasks' logits stay
+            bit-identical) or finetune (also the decoder's upsampling and conv blocks: better for the new task, the
+            old tasks move; see --check).
+        epochs: training epochs (default: train.json's 100).
+        iterations: iterations per epoch (default: train.json's 250).
+        batch_size: patches per iteration (default 2).
+        init_from: the task the new one starts as (default: the first task of its group with as many channels).
+        check: a datalist whose 'validation' cases name their 'task': each task's Dice before and after is reported.
+        title: a description of the task for the model card.
+        device: cpu, cuda or cuda:N (default: cuda if available).
+        workers: data-loading processes (default 4).
+        resume: continue the run in OUT/training.
+        overwrite: replace a model or a run already in OUT.
+        progress: show a progress bar.
+        json: print the report as JSON.
+    """
+    from .app.add_task import add_task as run
+    from .training.add_task import MODES
+
+    if str(mode).lower() not in MODES:
+        usage_error("add-task", f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    report = run(model, name, datalist, out, labels=labels, modality=modality, channels=channels, spacing=spacing,
+                 normalization=normalization, mode=mode, epochs=epochs, iterations=iterations,
+                 batch_size=batch_size, init_from=init_from, check=check, title=title, device=device,
+                 workers=workers, resume=resume, overwrite=overwrite, progress=progress)
+    emit(report, json, _add_task_table(report))
+
+
+def _add_task_table(report) -> str:
+    task, loss = report["task"], report["loss"]
+    lines = [f"added task {task['name']} (id {task['id']}, labels {', '.join(task['labels'])}) -> {report['model']}",
+             f"mode {report['mode']}, started from {report['init_from']}, {report['iterations']} iterations, "
+             f"{report['trained_parameters']:,} trained parameters",
+             "loss (first -> last epoch): " + " -> ".join("n/a" if v is None else f"{v:.4f}"
+                                                          for v in (loss["first_epoch"], loss["last_epoch"]))]
+    if report.get("dice"):
+        lines.append(f"{'task':<20} {'cases':>5} {'Dice before':>12} {'after':>8} {'change':>8}")
+        for name, d in report["dice"].items():
+            before = "n/a" if d["before"] is None else f"{d['before']:.4f}"
+            change = "n/a" if d["change"] is None else f"{d['change']:+.4f}"
+            lines.append(f"{name:<20} {d['cases']:>5} {before:>12} {d['after']:>8.4f} {change:>8}")
+    return "\n".join(lines)
+
+
 COMMANDS = {"list": list_models, "info": info, "download": download, "verify": verify, "path": path,
             "convert": convert, "publish": publish, "predict": predict, "demo": demo, "export": export,
-            "prepare": prepare_dataset, "evaluate": evaluate}
+            "prepare": prepare_dataset, "evaluate": evaluate, "add-task": add_task}
 
 
 BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}

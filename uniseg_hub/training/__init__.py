@@ -13,6 +13,8 @@ The paper's downstream protocol (``shared/reference/uniseg-official.md`` §3, §
   learning rate, validation metric per epoch, a PNG of the curves) and ``TrainingCheckpoint`` (``best/`` and
   ``last/`` safetensors folders written atomically, resume);
 * ``distributed``: ranks, shards and each rank's share of an epoch's iterations under ``torchrun``;
+* ``add_task``: adding a task to the universal model (``configs/add_task.json`` over train.json): the grown
+  network, the parameters each mode trains, the before/after Dice of every task on supplied cases;
 * ``evaluation``: the per-case report of ``evaluate.json`` and the downstream Dice (nnU-Net's evaluator leaves a
   class absent from prediction and reference out of the mean).
 
@@ -21,6 +23,7 @@ The reported model is the final checkpoint, evaluated with 8-flip mirroring (``u
 the training cases (``carve_validation``), never on the test list.
 """
 
+from .add_task import check_cases, check_model_dir, grow_network, save_added_task, task_dice, trainable
 from .augmentation import RandPatchd
 from .data import (
     CheckLabeld,
@@ -44,7 +47,8 @@ from .handlers import (
 )
 from .model import build_network, checkpoint_provenance, ds_weights, load_trained
 
-__all__ = ["RandPatchd", "CheckLabeld", "carve_validation", "datalist_property", "intensity_transform", "label_names",
+__all__ = ["check_cases", "check_model_dir", "grow_network", "save_added_task", "task_dice", "trainable",
+           "RandPatchd", "CheckLabeld", "carve_validation", "datalist_property", "intensity_transform", "label_names",
            "load_datalist", "modalities", "is_main_process", "iterations_per_rank", "rank", "shard", "unwrap",
            "world_size", "AbsentClassDiceMetric", "SegmentationReport", "dice_metric", "FreezeEncoder",
            "GradientClipping", "ProgressBar", "TrainingCheckpoint", "TrainingLog", "loss_of", "log_metrics",

@@ -311,7 +311,8 @@ class TrainingCheckpoint:
         partial = target.with_name(f".{target.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            save_folder(partial, model.state_dict(), model.config, source={**self.source, **extra_source})
+            save_folder(partial, model.state_dict(), model.config, source={**self.source, **extra_source},
+                        tasks=getattr(model, "tasks", None))
             if training_state is not None:
                 with atomic_path(partial / STATE_FILE) as tmp:
                     torch.save(dict(training_state), tmp)
