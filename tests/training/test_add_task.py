@@ -176,6 +176,22 @@ def test_the_command_refuses_bad_requests_in_one_line(cli_run, base, liver_cases
         assert exit_info.value.code == 1 and expected in err and err.count("\n") == 1, err
 
 
+def test_the_grown_model_predicts_its_new_task_by_name_and_with_all(cli_run, liver_cases, tmp_path, capsys):
+    _, grown = cli_run
+    scan = liver_cases / "ct0.nii.gz"
+    cli.main(["predict", str(scan), "--model", str(grown), "--task", "abdomen_liver", "--out", str(tmp_path / "one"),
+              "--tta", "False", "--progress", "False", "--preview", "False", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    label_map = nib.load(result["label_map"])
+    assert Path(result["label_map"]).name == "ct0_abdomen_liver.nii.gz"
+    assert label_map.shape == nib.load(scan).shape and set(np.unique(label_map.get_fdata())) <= {0, 1}
+    cli.main(["predict", str(scan), "--model", str(grown), "--task", "all", "--out", str(tmp_path / "all"),
+              "--tta", "False", "--progress", "False", "--preview", "False", "--json"])
+    merged = json.loads(capsys.readouterr().out)
+    names = {row["name"] for row in merged["volumes"]}
+    assert "abdomen_liver: liver" in names and "liver: liver" in names, names
+
+
 # the bundle: learning on the real CT, the finetune mode, resume, torchrun
 
 
