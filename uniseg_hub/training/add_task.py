@@ -16,16 +16,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from monai.inferers import sliding_window_inference
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Spacingd
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 from torch import nn
 
 from ..config import WEIGHTS_FILE, parse_bool
 from ..errors import TrainingError, UnknownTaskError
+from ..pipeline import ArgMaxd, InvertToInputd, NnUNetSlidingWindowInferer, NormalizeTaskd, ResampleToSpacingd
 from ..pretrained import UniSeg, load_model
 from ..tasks import Task
 from ..weights import load_checked, save_folder
-from .data import intensity_transform, load_datalist
+from .data import load_datalist
 from .distributed import is_main_process, log_main, unwrap
 
 MODES = {"frozen": ("added.{n}.",), "finetune": ("added.{n}.", "decoder.upsamples.", "decoder.blocks.")}
@@ -45,15 +47,6 @@ def task_group(channels: Sequence[str]) -> str:
 def default_normalization(channels: Sequence[str]) -> list[str]:
     """The official scheme per channel: the CT window for CT, a per-image z-score for everything else."""
     return ["ct_window" if str(c).upper() == "CT" else "zscore" for c in channels]
-
-
-def normalize(task: Task):
-    """The intensity transform of ``task`` (one scheme for all its channels; mixed schemes are not supported)."""
-    schemes = set(task.normalization)
-    if len(schemes) != 1:
-        raise TrainingError(f"task {task.name!r} normalises its channels differently ({list(task.normalization)}); "
-                            "add-task trains and scores tasks with one scheme for all channels")
-    return intensity_transform(schemes.pop())
 
 
 def source_task(model: UniSeg, new: Task, init_from: int | str | None = None) -> Task:
@@ -172,45 +165,36 @@ def check_model_dir(model_dir: str | os.PathLike, overwrite=False, resume=False)
                             "(or --resume true to continue its run)")
 
 
-def class_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice of each foreground class of two label maps; NaN for a class absent from both (nnU-Net's rule).
-    Computed here rather than with MONAI's metric, whose buffer gathers across ranks and would wait for the
-    others in the middle of their training."""
-    scores = []
-    for c in range(1, num_classes):
-        p, t = pred == c, label == c
-        total = int(p.sum()) + int(t.sum())
-        scores.append(2 * int((p & t).sum()) / total if total else float("nan"))
-    return torch.tensor(scores, dtype=torch.float64)
-
-
 @torch.no_grad()
 def task_dice(network: nn.Module, cases: Sequence[Mapping], patch_size: Sequence[int] | None = None,
               device: str | torch.device = "cpu", sw_batch_size: int = 2) -> dict[str, dict]:
     """Each task's mean Dice on ``cases`` (``check_cases``): per class over the cases where it is defined, then
-    over classes (nnU-Net's summary), predicted on the task's training grid (resampled to its spacing, its
-    normalisation, sliding windows without mirroring). A before/after measure on the same cases, not the
-    official evaluation on the input grid. Scored on rank 0 (other ranks return ``{}``)."""
+    over classes (nnU-Net's summary). Each case goes the bundle's way with the pieces its configs use: the task's
+    official resampling and normalisation, nnU-Net's sliding window (no mirroring: a before/after measure), the
+    probabilities back on the input grid, scored there against the label with MONAI's ``compute_dice`` (per case:
+    ``DiceMetric``'s buffer would gather across ranks while the others train). Scored on rank 0 (other ranks
+    return ``{}``)."""
     if not is_main_process():
         return {}
     model = unwrap(network)
     was_training = model.training
     model.eval()
-    patch = tuple(patch_size or model.patch_size)
+    inferer = NnUNetSlidingWindowInferer(tuple(patch_size or model.patch_size), sw_batch_size)
+    read = Compose([LoadImaged(["image", "label"], image_only=True), EnsureChannelFirstd(["image", "label"]),
+                    EnsureTyped("image", dtype=torch.float32)])
     scores: dict[str, list[torch.Tensor]] = {}
     try:
         for case in cases:
             task = model.tasks.get(case["task"])
-            prepare = Compose([LoadImaged(["image", "label"], image_only=True), EnsureChannelFirstd(["image", "label"]),
-                               EnsureTyped("image", dtype=torch.float32),
-                               Spacingd(["image", "label"], task.spacing, mode=["bilinear", "nearest"]),
-                               normalize(task)])
-            item = prepare({"image": case["image"], "label": case["label"]})
-            logits = sliding_window_inference(item["image"][None].to(device), patch, sw_batch_size,
-                                              lambda x, t=task.id: model(x, t), overlap=0.5, mode="gaussian")
-            pred = logits[0, : task.num_classes].argmax(0).cpu()
-            scores.setdefault(task.name, []).append(class_dice(pred, item["label"][0].as_tensor().round().long(),
-                                                               task.num_classes))
+            prepare = Compose([ResampleToSpacingd("image", task.spacing), NormalizeTaskd("image", task)])
+            item = prepare(read({"image": case["image"], "label": case["label"]}))
+            logits = inferer(item["image"][None].to(device), lambda x, t=task.id: model(x, t))[0]
+            item["pred"] = torch.softmax(logits.float(), 0)[: task.num_classes].cpu()
+            pred = ArgMaxd("pred")(InvertToInputd("pred", prepare, "image")(item))["pred"]
+            onehot = [one_hot(torch.as_tensor(m)[None].round().long(), task.num_classes) for m in (pred, item["label"])]
+            dice = compute_dice(*onehot, include_background=False, ignore_empty=False)[0].double()
+            absent = ~(onehot[0][0, 1:].flatten(1).any(1) | onehot[1][0, 1:].flatten(1).any(1))
+            scores.setdefault(task.name, []).append(torch.where(absent, torch.nan, dice))
     finally:
         model.train(was_training)
     return {name: {"dice": float(torch.nanmean(torch.nanmean(torch.stack(values), 0))), "cases": len(values)}
