@@ -122,6 +122,22 @@ def threads(count: int | None):
         torch.set_num_threads(before)
 
 
+def _scale_shift(counts: torch.Tensor, means: torch.Tensor, squares: torch.Tensor,
+                 norm: nn.InstanceNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm's per-channel ``y = x * scale + shift`` (float64) from per-chunk voxel counts (chunks, 1), means and
+    sums of squared deviations from each chunk's own mean (chunks, C), merged with Chan et al.'s formula."""
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    variance = (squares.sum(0) + (counts * (means - mean) ** 2).sum(0)) / total
+    scale = torch.rsqrt(variance + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    return scale, shift
+
+
 def _instance_norm_act_(x: torch.Tensor, norm: nn.InstanceNorm3d, negative_slope: float) -> torch.Tensor:
     if x.dtype != torch.float32:
         return _instance_norm_act_lower_precision_(x, norm, negative_slope)
@@ -137,15 +153,7 @@ def _instance_norm_act_(x: torch.Tensor, norm: nn.InstanceNorm3d, negative_slope
             mean = chunk.mean(0)
             centred = torch.sub(chunk, mean, out=scratch[: chunk.shape[0]])
             means[i], squares[i] = mean, centred.square_().sum(0)
-        mean = (counts * means).sum(0) / sample.shape[0]
-        variance = (squares.sum(0) + (counts * (means - mean) ** 2).sum(0)) / sample.shape[0]
-        scale = torch.rsqrt(variance + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight.double()
-        shift = -mean * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias.double()
-        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        scale, shift = (v.to(x.dtype) for v in _scale_shift(counts, means, squares, norm))
         for chunk in chunks:
             F.leaky_relu_(chunk.mul_(scale).add_(shift), negative_slope)
     return x
@@ -168,15 +176,7 @@ def _instance_norm_act_lower_precision_(x: torch.Tensor, norm: nn.InstanceNorm3d
             values = scratch[: chunk.shape[0]].copy_(chunk)
             mean = values.mean(0)
             means[i], squares[i] = mean, values.sub_(mean).square_().sum(0)
-        mean = (counts * means).sum(0) / sample.shape[0]
-        variance = (squares.sum(0) + (counts * (means - mean) ** 2).sum(0)) / sample.shape[0]
-        scale = torch.rsqrt(variance + norm.eps)
-        if norm.weight is not None:
-            scale = scale * norm.weight.double()
-        shift = -mean * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias.double()
-        scale, shift = scale.float(), shift.float()
+        scale, shift = (v.float() for v in _scale_shift(counts, means, squares, norm))
         for chunk in chunks:
             values = scratch[: chunk.shape[0]].copy_(chunk)
             chunk.copy_(F.leaky_relu_(values.mul_(scale).add_(shift), negative_slope))
