@@ -339,6 +339,27 @@ def test_argument_guard_keeps_strings_and_lets_variadic_commands_through(monkeyp
     assert usage.value.code == 2
 
 
+@pytest.mark.parametrize("signum, code, word", [(2, 130, "interrupted"), (15, 143, "terminated")])
+def test_a_signal_wrapped_by_a_library_still_exits_as_the_signal(monkeypatch, capsys, signum, code, word):
+    """pydoc's import (MONAI's config parser) turns a signal during an import into ``ErrorDuringImport``."""
+    import pydoc
+
+    from uniseg_hub.errors import Interrupted
+
+    def importing(name):
+        """A command interrupted while a library imports."""
+        try:
+            raise Interrupted(signum)
+        except BaseException:
+            raise RuntimeError("parsing failed") from pydoc.ErrorDuringImport("monai.transforms", sys.exc_info())
+
+    monkeypatch.setitem(cli.COMMANDS, "importing", importing)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["importing", "x"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == code and captured.err == f"{word}\n" and captured.out == ""
+
+
 def test_publishing_the_official_name_completes_its_entry(converted_small, tmp_path):
     shipped = json.loads((Path(__file__).resolve().parents[1] / "weights_manifest.json").read_text())
     official = shipped["models"][0]

@@ -807,6 +807,28 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _interruption(error: BaseException) -> Interrupted | None:
+    """The ``Interrupted`` inside ``error``, if a library wrapped the signal in an error of its own: pydoc's import,
+    which MONAI's config parser uses, catches everything (``BaseException``) and raises ``ErrorDuringImport``
+    holding it as ``value``."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        value = getattr(error, "value", None)
+        pending += [error.__cause__, error.__context__, value if isinstance(value, BaseException) else None]
+    return None
+
+
+def _interrupted(signalled: Interrupted) -> None:
+    print("interrupted" if signalled.signum == signal.SIGINT else "terminated", file=sys.stderr)
+    raise SystemExit(128 + signalled.signum) from None
+
+
 def _fail(message: str, code: int = 1) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(code) from None
@@ -869,9 +891,10 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Interrupted as e:
-        print("interrupted" if e.signum == signal.SIGINT else "terminated", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
+        _interrupted(e)
     except Exception as e:  # a bug: one line that says so, the traceback on request
+        if (signalled := _interruption(e)) is not None:
+            _interrupted(signalled)
         if os.environ.get("UNISEG_HUB_TRACEBACK"):
             raise
         root = _root_cause(e)
