@@ -107,7 +107,7 @@ _ALIASES = {"hepatic": "hepatic_vessel", "verse": "vertebrae", "vertebra": "vert
 
 NORMALIZATIONS = ("ct_window", "zscore")
 MAX_LABELS = 255
-"""Bounds of a task read from a file: labels per task (uint8 label maps), a sane name length."""
+"""The largest label value, per task and in the all-tasks map: label maps are written as uint8."""
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -161,8 +161,8 @@ def task_from_dict(data, where: str = "task") -> Task:
                           f"got {str(spacing)[:80]!r}")
     merged = data["merged_labels"]
     if (not isinstance(merged, (list, tuple)) or len(merged) != len(labels)
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535 for v in merged)):
-        raise ConfigError(f"{where}.merged_labels must hold one whole number from 1 to 65535 per label "
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_LABELS for v in merged)):
+        raise ConfigError(f"{where}.merged_labels must hold one whole number from 1 to {MAX_LABELS} per label "
                           f"({len(labels)}), got {str(merged)[:80]!r}")
     nonzero = data.get("nonzero_mask", False)
     if not isinstance(nonzero, bool):
@@ -294,6 +294,10 @@ class TaskTable:
                   title: str | None = None, dataset: str = "user dataset", nonzero_mask: bool = False) -> TaskTable:
         """This table and one more task after the last (the next id; merged label values after the largest)."""
         first = self.merged_classes
+        if first + len(labels) - 1 > MAX_LABELS:
+            raise ConfigError(f"the all-tasks label map has values up to {first - 1}; {len(labels)} more labels would "
+                              f"pass {MAX_LABELS}, the largest value of the uint8 label maps; add a task with fewer "
+                              "labels, or grow the model from one with fewer tasks")
         task = task_from_dict({
             "id": len(self.tasks), "name": name, "title": title or name.replace("_", " "), "dataset": dataset,
             "group": group, "channels": list(channels), "normalization": list(normalization),

@@ -337,7 +337,8 @@ def save_folder(
     document = {"format_version": FORMAT_VERSION, **architecture, "axis_order": "MONAI (C, x, y, z)",
                 "weights": WEIGHTS_FILE, "source": dict(source or {}), "uniseg_hub_version": __version__}
     if tasks is not None and not tasks.official:
-        document["tasks"] = tasks.to_json()
+        architecture = {**architecture, "tasks": tasks.to_json()}  # a lone .safetensors file carries its tasks too
+    document = {**document, **architecture}
     metadata = {"format": "pt", "uniseg_hub.format_version": str(FORMAT_VERSION),
                 "uniseg_hub.architecture": json.dumps(architecture),
                 "uniseg_hub.source": json.dumps(dict(source or {})), "uniseg_hub.version": __version__}

@@ -118,6 +118,11 @@ def test_the_task_table_round_trips_and_refuses_damaged_entries():
     with pytest.raises(ConfigError, match="name"):
         OFFICIAL_TASKS.with_task("Knee Joint!", labels=["x"], channels=["CT"], normalization=["ct_window"],
                                  spacing=[1, 1, 1])
+    with pytest.raises(ConfigError, match="uint8"):  # label maps are uint8: values up to 255 in the all-tasks map
+        table.with_task("many", labels=[f"part {i}" for i in range(240)], channels=["CT"],
+                        normalization=["ct_window"], spacing=[1, 1, 1])
+    assert table.with_task("many", labels=[f"part {i}" for i in range(237)], channels=["CT"],
+                           normalization=["ct_window"], spacing=[1, 1, 1]).merged_classes == 256
     broken = table.to_json()
     broken[11]["spacing"] = [1, 1]
     with pytest.raises(ConfigError, match=r"tasks\[11\]\.spacing"):
@@ -142,6 +147,7 @@ def test_the_task_table_travels_with_the_weights(tmp_path):
     assert loaded.tasks == table and loaded.task_index("knee") == 11
     loaded.save_pretrained(tmp_path / "again")
     assert load_model(tmp_path / "again").tasks == table
+    assert load_model(tmp_path / "m" / "model.safetensors").tasks == table  # a lone file: from its metadata
     document = json.loads((tmp_path / "m" / "config.json").read_text())
     document["tasks"] = document["tasks"][:11]
     (tmp_path / "m" / "config.json").write_text(json.dumps(document))
