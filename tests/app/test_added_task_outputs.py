@@ -160,3 +160,15 @@ def test_info_evaluate_and_the_model_card_list_the_model_tasks(knee_model, mr, t
     assert model_tasks("uniseg-knee", manifest=str(manifest)) == TABLE
     with pytest.raises(ManifestError, match="tasks lists 12 tasks, but the architecture has 11"):
         ManifestEntry.from_dict({**listed, "architecture": UniSegConfig().to_dict()})
+
+
+def test_preprocess_takes_an_added_task_from_its_model(knee_model, mr):
+    from uniseg_hub import preprocess
+
+    image = preprocess(mr, "knee", model=knee_model)
+    spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing, KNEE.spacing, rtol=0.05)  # the knee task's 3 mm
+    assert abs(float(image.mean())) < 1e-3  # its z-score
+    assert preprocess(mr, "prostate").shape != image.shape  # prostate's 1.5 x 1.5 x 3 mm grid is another one
+    with pytest.raises(UnknownTaskError, match="knee"):
+        preprocess(mr, "knee")  # the official tasks know no knee

@@ -15,22 +15,23 @@ from monai.transforms import Compose
 from ..config import NAN_POLICIES, NORMALIZATION_MASKS, RESAMPLING, choice
 from ..errors import InputError
 from ..pipeline import InvertToInputd, resolve_tasks
+from ..pretrained import model_tasks
+from ..tasks import OFFICIAL_TASKS, TaskTable
 from .bundle import config_file
 from .predict import unwrap_error
 
 
-def _parser(task, modality: str, overrides: dict) -> ConfigParser:
+def _parser(task, modality: str, table: TaskTable, overrides: dict) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(config_file("inference.json")))
-    # the official eleven tasks: preprocess names no model, so none is read for its task table
     parser.update({"task": task, "modality": modality, "keep_source": False, "overwrite": True,
-                   "task_table": "$uniseg_hub.tasks.OFFICIAL_TASKS", **overrides})
+                   "task_table": table, **overrides})
     return parser
 
 
 def preprocess(image: str | os.PathLike | Sequence[str | os.PathLike] | MetaTensor, task: str | int = "liver", *,
                modality: str = "CT", resampling: str = "nnunet", nan: str = "zero",
-               normalization_mask: str = "training") -> MetaTensor:
+               normalization_mask: str = "training", model: str | os.PathLike | None = None) -> MetaTensor:
     """The network-ready image (C, x, y, z) in MONAI axis order, as the bundle's inference feeds the network.
 
     Args:
@@ -39,17 +40,21 @@ def preprocess(image: str | os.PathLike | Sequence[str | os.PathLike] | MetaTens
         task: the task (name or id) whose spacing and normalisation apply; ``"all"`` takes the first task of the
             group, as the all-tasks inference does.
         modality, resampling, nan, normalization_mask: as for ``predict`` (the official behaviour by default).
+        model: the model whose task table names ``task`` (a task added with ``add-task``); default the official
+            eleven tasks. Only its ``config.json`` is read.
 
     The result keeps its metadata and the trace of what was done (crop, resampling), which ``postprocess`` uses
     to bring predictions back to the input grid.
     """
+    table = OFFICIAL_TASKS if model is None else model_tasks(model)
     options = {"resampling": choice(resampling, "resampling", RESAMPLING), "nan": choice(nan, "nan", NAN_POLICIES),
                "normalization_mask": choice(normalization_mask, "normalization_mask", NORMALIZATION_MASKS)}
     if isinstance(image, MetaTensor):
         if image.ndim != 4:
             raise InputError(f"expected a channel-first (C, x, y, z) MetaTensor, got shape {tuple(image.shape)}")
-        parser = _parser(task, modality, {**options, "tasks": resolve_tasks(task, modality, image.shape[0])})
-        transforms, data = parser.get_parsed_content("preparing"), {"image": image}
+        parser = _parser(task, modality, table, {**options, "tasks": resolve_tasks(task, modality, image.shape[0],
+                                                                                     table)})
+        section, data = "preparing", {"image": image}
     elif isinstance(image, torch.Tensor):
         raise InputError("a plain tensor has no affine, so its spacing is unknown; pass a MetaTensor (with its "
                          "affine) or the file")
@@ -57,13 +62,13 @@ def preprocess(image: str | os.PathLike | Sequence[str | os.PathLike] | MetaTens
         files = [os.fspath(image)] if isinstance(image, (str, os.PathLike)) else [os.fspath(f) for f in image]
         if not files:
             raise InputError("no input given; pass a NIfTI file, one file per channel, or a DICOM series folder")
-        parser = _parser(task, modality, {**options, "input": files[0] if len(files) == 1 else files})
-        transforms, data = parser.get_parsed_content("preprocessing"), {"image": files[0] if len(files) == 1
-                                                                         else files}
-    pipeline = transforms if isinstance(transforms, Compose) else Compose([t for t in transforms if t is not None])
+        parser = _parser(task, modality, table, {**options, "input": files[0] if len(files) == 1 else files})
+        section, data = "preprocessing", {"image": files[0] if len(files) == 1 else files}
     try:
+        transforms = parser.get_parsed_content(section)
+        pipeline = transforms if isinstance(transforms, Compose) else Compose([t for t in transforms if t is not None])
         return pipeline(data)["image"]
-    except RuntimeError as e:  # MONAI wraps what a transform raises; ours are re-raised as themselves
+    except RuntimeError as e:  # MONAI wraps what the config or a transform raises; ours are re-raised as themselves
         if (cause := unwrap_error(e)) is None:
             raise
         raise cause from None
