@@ -33,6 +33,7 @@ from torch import nn
 
 from . import hub, networks
 from .config import UniSegConfig, parse_precision
+from .cpu.precision import DTYPES
 from .errors import (
     ChecksumError,
     ConfigError,
@@ -246,10 +247,9 @@ def _weights_dtype(dtype) -> torch.dtype | None:
     if dtype is None:
         return None
     if isinstance(dtype, torch.dtype):
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        if dtype not in names:
+        if dtype not in DTYPES.values():
             raise ConfigError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-        dtype = names[dtype]
+        dtype = str(dtype)  # "torch.bfloat16": parse_precision reads the dtype's name
     try:
         precision = parse_precision(dtype)
     except ConfigError:
@@ -257,7 +257,7 @@ def _weights_dtype(dtype) -> torch.dtype | None:
     if precision in (None, "auto"):
         raise ConfigError(f"dtype must be fp32, bf16 or fp16 (or the torch dtype), got {dtype!r}; for mixed "
                           "precision keep float32 weights and give the predictor a precision")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return None if precision == "fp32" else DTYPES[precision]
 
 
 def load_encoder(src: str | os.PathLike, *, in_channels: int = 1, pretrained: bool = True,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import parse_bool, parse_precision, parse_tta
-from ..cpu import native_bf16, prepare_for_inference
+from ..cpu import DTYPES, native_bf16, prepare_for_inference
 from ..errors import ConfigError
 from ..tasks import Task
 
@@ -36,9 +36,6 @@ def mirror_axes(mirror: bool | int = 8) -> list[tuple[int, ...]]:
     return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def autocast_dtype(precision: str, device_type: str, amp: bool = False) -> torch.dtype | None:
     """The autocast dtype for a precision (``config.PRECISIONS``) on a device type, or None for float32.
 
@@ -56,7 +53,7 @@ def autocast_dtype(precision: str, device_type: str, amp: bool = False) -> torch
     if device_type == "cpu" and precision == "bf16" and not native_bf16():
         logger.warning("precision bf16: this CPU has no native bfloat16 (AMX or AVX512_BF16), so it is emulated and "
                        "likely slower than fp32; leave --precision out for float32")
-    return _DTYPES[precision]
+    return DTYPES[precision]
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
