@@ -179,6 +179,13 @@ def task_to_dict(task: Task) -> dict:
             "nonzero_mask": task.nonzero_mask}
 
 
+def modality_group(name: str) -> str | None:
+    """``name`` as one of ``GROUPS`` (any case, ``_`` for ``-``, ``PETCT`` for ``PET-CT``), or None if it is none."""
+    wanted = str(name).strip().upper().replace("_", "-")
+    wanted = "PET-CT" if wanted == "PETCT" else wanted
+    return wanted if wanted in GROUPS else None
+
+
 def _merged_names(tasks) -> dict[int, str]:
     names = {0: "background"}
     for t in tasks:
@@ -263,10 +270,8 @@ class TaskTable:
 
     def in_group(self, group: str) -> tuple[Task, ...]:
         """The tasks of a modality group, in id order (the all-tasks mode runs them in this order)."""
-        wanted = group.upper().replace("_", "-")
-        if wanted == "PETCT":
-            wanted = "PET-CT"
-        if wanted not in GROUPS:
+        wanted = modality_group(group)
+        if wanted is None:
             raise UnknownTaskError(f"unknown modality group {group!r}; the groups are: {', '.join(GROUPS)}")
         return tuple(t for t in self.tasks if t.group == wanted)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import choice
 from ..errors import TrainingError
-from ..tasks import GROUPS
+from ..tasks import GROUPS, modality_group
 from ..training.add_task import MODES, REPORT_FILE
 from .bundle import bundle_dir
 from .predict import quiet, unwrap_error
@@ -76,8 +76,8 @@ def add_task(model: str | os.PathLike, name: str, datalist: str | os.PathLike, o
     if labels is not None:
         settings["label_names"] = ["background", *_names(labels, "labels")]
     if modality is not None:
-        group = str(modality).strip().upper().replace("PETCT", "PET-CT")
-        if group not in GROUPS:
+        group = modality_group(modality)
+        if group is None:
             raise TrainingError(f"--modality must be one of {', '.join(GROUPS)} (the task's modality group), got "
                                 f"{modality!r}; name the input channels with --channels")
         settings["task_group"] = group
