@@ -24,7 +24,7 @@ import sys
 
 import fire
 
-from .errors import Interrupted, UnisegHubError
+from .errors import Interrupted, UnisegHubError, os_error_text
 from .files import format_json
 
 _STDOUT: list = []
@@ -885,8 +885,7 @@ def main(argv: list[str] | None = None) -> None:
     except UnisegHubError as e:
         _fail(str(e))
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        _fail(f"{e.strerror or e}{where}")
+        _fail(os_error_text(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

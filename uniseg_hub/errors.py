@@ -103,3 +103,9 @@ class SampleDataError(UnisegHubError):
 
 class ConfigError(UnisegHubError, ValueError):
     """A configuration (config.json, a manifest's architecture, an option) with a wrong type, range or length."""
+
+
+def os_error_text(error: OSError) -> str:
+    """An ``OSError`` as one message: the system's reason and the file it concerns (``No space left on device
+    (out/x.nii.gz)``), for the command line's error line and a cohort's report."""
+    return f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")

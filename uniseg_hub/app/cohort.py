@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import PredictOptions
-from ..errors import InputError, UnisegHubError
+from ..errors import InputError, UnisegHubError, os_error_text
 from ..files import write_text_atomic
 from .outputs import check_names, check_space, claim_outputs, lock_path
 from .predict import (
@@ -117,7 +117,7 @@ def describe_error(error: BaseException) -> str:
         while root.__cause__ is not None and type(root) is RuntimeError:
             root = root.__cause__
     if isinstance(root, OSError) and not isinstance(root, UnisegHubError):
-        text = f"{root.strerror or root}" + (f" ({root.filename})" if root.filename else "")
+        text = os_error_text(root)
     else:
         text = str(root)
     if not isinstance(root, (UnisegHubError, OSError)):
