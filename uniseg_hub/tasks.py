@@ -9,6 +9,10 @@ Facts come from the official code (github yeerwen/UniSeg, commit e3ae40d; see ``
 * normalisation: ``DoDNetPreprocessor.py``: CT is clipped to [-325, 325] and scaled to [0, 1]; every other channel
   gets a per-image z-score. For BraTS the z-score uses the non-zero (brain) mask only (nnU-Net's rule; inferred);
 * merged label map of the official all-tasks mode (``predict.py`` with ``-task_id -1``).
+
+A model's tasks are a ``TaskTable``: ``OFFICIAL_TASKS`` (these eleven) unless its ``config.json`` lists its own
+(tasks added by ``uniseg-hub add-task`` follow the eleven); ``get_task`` and the other module functions look up the
+official table.
 """
 
 from __future__ import annotations
