@@ -33,7 +33,6 @@ from torch import nn
 
 from . import hub, networks
 from .config import UniSegConfig, parse_precision
-from .cpu.precision import DTYPES
 from .errors import (
     ChecksumError,
     ConfigError,
@@ -48,6 +47,7 @@ from .transfer import check_in_channels, to_backbone, to_encoder
 from .upstream import download
 from .weights import (
     ARCHITECTURES,
+    PRECISION_DTYPES,
     WEIGHTS_FILE,
     LoadReport,
     build_network,
@@ -247,7 +247,7 @@ def _weights_dtype(dtype) -> torch.dtype | None:
     if dtype is None:
         return None
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
+        if dtype not in PRECISION_DTYPES.values():
             raise ConfigError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         dtype = str(dtype)  # "torch.bfloat16": parse_precision reads the dtype's name
     try:
@@ -257,7 +257,7 @@ def _weights_dtype(dtype) -> torch.dtype | None:
     if precision in (None, "auto"):
         raise ConfigError(f"dtype must be fp32, bf16 or fp16 (or the torch dtype), got {dtype!r}; for mixed "
                           "precision keep float32 weights and give the predictor a precision")
-    return None if precision == "fp32" else DTYPES[precision]
+    return None if precision == "fp32" else PRECISION_DTYPES[precision]
 
 
 def load_encoder(src: str | os.PathLike, *, in_channels: int = 1, pretrained: bool = True,

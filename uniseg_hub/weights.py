@@ -93,6 +93,10 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
 DTYPE = torch.float32
 """The dtype of every UniSeg tensor (the official checkpoint's, and what the networks are built with)."""
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The torch dtype of each of ``config.PRECISIONS`` but ``auto``: of weights cast once (``load_model(dtype=...)``)
+or of an autocast (``pipeline.predictor.autocast_dtype``)."""
+
 
 @functools.lru_cache(maxsize=8)
 def expected_tensors(config: UniSegConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

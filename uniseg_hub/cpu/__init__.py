@@ -9,7 +9,7 @@
   sliding window's large, repeated blocks, and handing that memory back after the network phase
   (``ReleaseFreedMemory``: the same as an ignite handler for MONAI's evaluators).
 * ``native_bf16`` (``precision``): whether the CPU has native bfloat16 (AMX or AVX512_BF16), for the opt-in
-  ``--precision bf16``; ``DTYPES``: the torch dtype of each precision.
+  ``--precision bf16``.
 * ``fast_path``: the kernels themselves.
 
 ``benchmarks/NOTES.md`` records why each piece exists and what it gains.
@@ -17,7 +17,7 @@
 
 from .inference import CpuInferenceBackbone, CpuInferenceModel, prepare_for_inference
 from .memory import ReleaseFreedMemory, release_freed_memory, retain_freed_memory
-from .precision import DTYPES, native_bf16
+from .precision import native_bf16
 
 __all__ = ["prepare_for_inference", "CpuInferenceModel", "CpuInferenceBackbone", "retain_freed_memory",
-           "release_freed_memory", "ReleaseFreedMemory", "native_bf16", "DTYPES"]
+           "release_freed_memory", "ReleaseFreedMemory", "native_bf16"]

@@ -1,15 +1,9 @@
-"""The torch dtype of each precision, and whether this CPU computes bfloat16 natively (issue 17: ``--precision bf16``
-is opt-in on CPU)."""
+"""Whether this CPU computes bfloat16 natively (issue 17: ``--precision bf16`` is opt-in on CPU)."""
 
 from __future__ import annotations
 
 import functools
 import platform
-
-import torch
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""The torch dtype of each of ``config.PRECISIONS`` but ``auto``: of an autocast, or of weights cast once."""
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """Linux ``/proc/cpuinfo`` flags of native bfloat16 arithmetic: Intel AMX (Sapphire Rapids and later) and

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..config import parse_bool, parse_precision, parse_tta
-from ..cpu import DTYPES, native_bf16, prepare_for_inference
+from ..cpu import native_bf16, prepare_for_inference
 from ..errors import ConfigError
 from ..tasks import Task
+from ..weights import PRECISION_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def autocast_dtype(precision: str, device_type: str, amp: bool = False) -> torch
     if device_type == "cpu" and precision == "bf16" and not native_bf16():
         logger.warning("precision bf16: this CPU has no native bfloat16 (AMX or AVX512_BF16), so it is emulated and "
                        "likely slower than fp32; leave --precision out for float32")
-    return DTYPES[precision]
+    return PRECISION_DTYPES[precision]
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
